@@ -1,0 +1,1 @@
+"""The agent: pairs with a coordinator and runs tasks in slots (worker subprocesses)."""

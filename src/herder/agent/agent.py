@@ -1,0 +1,389 @@
+"""The agent: connect, pair, heartbeat, run assignments in slots, report results.
+
+What the agent holds survives a reconnect: tasks queued and running, and
+results not yet acknowledged. On reconnect it names them in its hello; the
+coordinator adopts the leases that are still current, and the agent drops
+the rest. Results are resent until acknowledged, and the coordinator
+records each lease's result once. If the coordinator stays away longer than
+a lease lives, the agent stops its tasks: they are being run elsewhere.
+
+Shutdown order (``stop()``, e.g. on SIGTERM): stop taking tasks, hand back
+the ones not started, let running ones finish (up to the grace period),
+send the results, say goodbye, close the slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from herder import protocol, security
+from herder.errors import AuthenticationError, PinningError, SecurityError
+
+from .runner import Slot
+
+log = logging.getLogger("herder.agent")
+
+STARTED_REPORT_DELAY_S = 0.05
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    url: str
+    secret: bytes
+    fingerprint: bytes
+    node_id: str
+    name: str
+    slots: int = 1
+    prefetch: int = 64
+    labels: dict[str, str] = field(default_factory=dict)
+    provider: str = "joined"
+    reconnect_max_s: float = 5.0
+    grace_s: float = 30.0
+
+
+class Agent:
+    """``await Agent(config).run()`` returns the process exit code."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._slots = [Slot(i) for i in range(config.slots)]
+        self._queue: deque[protocol.Assignment] = deque()
+        self._queue_event = asyncio.Event()
+        self._running: dict[str, tuple[protocol.Assignment, asyncio.Task[None]]] = {}
+        self._unacked: dict[str, protocol.ResultItem] = {}
+        self._out_results: list[protocol.ResultItem] = []
+        self._out_started: list[protocol.HeldLease] = []
+        self._flush_scheduled = False
+        self._ws: ClientConnection | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._draining = False  # told by the coordinator: take no more tasks for now
+        self._stopping = asyncio.Event()
+        self._lost_after_s = 5.0
+        self._heartbeat_s = 1.0
+        self._disconnected_at: float | None = time.monotonic()
+
+    def stop(self) -> None:
+        """Leave after finishing running tasks (idempotent)."""
+        self._stopping.set()
+
+    # --- main loop ------------------------------------------------------------------
+
+    async def run(self) -> int:
+        code = 0
+
+        async def connect_then_exit() -> None:
+            nonlocal code
+            code = await self._connect_loop()
+            raise _Exit(code)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for slot in self._slots:
+                    tg.create_task(self._slot_loop(slot), name=f"slot-{slot.index}")
+                tg.create_task(self._watchdog(), name="watchdog")
+                tg.create_task(connect_then_exit(), name="connect")
+        except* _Exit:
+            pass
+        finally:
+            for slot in self._slots:
+                await slot.close()
+        return code
+
+    async def _connect_loop(self) -> int:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                if self._ssl is None:
+                    ca = await asyncio.to_thread(
+                        security.fetch_pinned_ca, self.config.url, self.config.fingerprint
+                    )
+                    self._ssl = security.client_ssl_context(ca)
+                ws_url = "wss://" + self.config.url.split("://", 1)[1].rstrip("/") + "/v1/agent"
+                async with websockets.connect(
+                    ws_url,
+                    ssl=self._ssl,
+                    max_size=protocol.MAX_FRAME_BYTES,
+                    open_timeout=10,
+                    ping_interval=None,
+                    compression=None,
+                ) as ws:
+                    await self._pair(ws)
+                    backoff = 0.1
+                    done = await self._session(ws)
+                    if done:
+                        return 0
+            except (PinningError, AuthenticationError) as exc:
+                log.error("%s", exc)
+                print(f"herder agent: {exc}", flush=True)
+                return 1
+            except SecurityError as exc:
+                log.warning("cannot reach %s: %s", self.config.url, exc)
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                log.info("coordinator %s unreachable: %s", self.config.url, exc)
+            finally:
+                self._ws = None
+                if self._disconnected_at is None:
+                    self._disconnected_at = time.monotonic()
+            if self._stopping.is_set() and not self._running and not self._queue:
+                return 0
+            delay = backoff * (0.5 + random.random())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            backoff = min(backoff * 2, self.config.reconnect_max_s)
+        return 0
+
+    async def _pair(self, ws: ClientConnection) -> None:
+        nonce = security.new_nonce()
+        held = [
+            protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id)
+            for a in [*self._queue, *(a for a, _ in self._running.values())]
+        ] + [
+            protocol.HeldLease(task_id=r.task_id, lease_id=r.lease_id)
+            for r in self._unacked.values()
+        ]
+        await ws.send(
+            protocol.encode(
+                protocol.Hello(
+                    node_id=self.config.node_id,
+                    name=self.config.name,
+                    slots=self.config.slots,
+                    prefetch=self.config.prefetch,
+                    labels=self.config.labels,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    provider=self.config.provider,
+                    nonce=nonce,
+                    held=held,
+                )
+            )
+        )
+        (challenge,) = protocol.decode_coordinator(await _recv(ws))
+        if isinstance(challenge, protocol.Refuse):
+            raise AuthenticationError(f"pairing refused by the coordinator: {challenge.reason}")
+        if not isinstance(challenge, protocol.Challenge):
+            raise protocol.ProtocolError("expected a challenge")
+        expected = security.coordinator_proof(self.config.secret, nonce, challenge.nonce)
+        if not security.proofs_equal(challenge.mac, expected):
+            await ws.send(protocol.encode(protocol.Bye(reason="coordinator proof invalid")))
+            raise AuthenticationError(
+                "pairing refused: the coordinator could not prove it knows the secret "
+                "(wrong secret in the token?)"
+            )
+        mac = security.agent_proof(self.config.secret, challenge.nonce, nonce)
+        await ws.send(protocol.encode(protocol.Proof(mac=mac)))
+        (welcome,) = protocol.decode_coordinator(await _recv(ws))
+        if isinstance(welcome, protocol.Refuse):
+            raise AuthenticationError(f"pairing refused by the coordinator: {welcome.reason}")
+        if not isinstance(welcome, protocol.Welcome):
+            raise protocol.ProtocolError("expected welcome")
+        self._heartbeat_s = welcome.heartbeat_s
+        self._lost_after_s = welcome.lost_after_s
+        adopted = set(welcome.adopted)
+        self._drop_unadopted(adopted)
+        self._ws = ws
+        self._disconnected_at = None
+        self._draining = False
+        log.info("paired with %s as %s", self.config.url, self.config.node_id)
+
+    def _drop_unadopted(self, adopted: set[str]) -> None:
+        """Forget leases the coordinator no longer honours: they run elsewhere."""
+        self._queue = deque(a for a in self._queue if a.lease_id in adopted)
+        for lid, (_, task) in list(self._running.items()):
+            if lid not in adopted:
+                task.cancel()
+        for lid in list(self._unacked):
+            if lid not in adopted:
+                del self._unacked[lid]
+
+    async def _session(self, ws: ClientConnection) -> bool:
+        """Serve one connection; True when the agent is done and should exit."""
+        if self._unacked:
+            self._out_results.extend(self._unacked.values())
+            self._schedule_flush()
+        async with asyncio.TaskGroup() as tg:
+            hb = tg.create_task(self._heartbeat_loop(ws), name="heartbeat")
+            stop = tg.create_task(self._stop_when_asked(ws), name="stop")
+            try:
+                async for frame in ws:
+                    for msg in protocol.decode_coordinator(
+                        frame if isinstance(frame, bytes) else b""
+                    ):
+                        self._on_message(msg)
+            except websockets.ConnectionClosed:
+                pass
+            finally:
+                hb.cancel()
+                stop.cancel()
+        return (
+            self._stopping.is_set() and not self._running and not self._queue and not self._unacked
+        )
+
+    async def _stop_when_asked(self, ws: ClientConnection) -> None:
+        await self._stopping.wait()
+        await self._hand_back()
+        deadline = time.monotonic() + self.config.grace_s
+        while (self._running or self._unacked) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for _, task in list(self._running.values()):
+            task.cancel()
+        with contextlib.suppress(websockets.WebSocketException):
+            await ws.send(protocol.encode(protocol.Bye(reason="stopped")))
+            await ws.close()
+
+    async def _hand_back(self) -> None:
+        queued, self._queue = list(self._queue), deque()
+        if queued and self._ws is not None:
+            with contextlib.suppress(websockets.WebSocketException):
+                await self._ws.send(
+                    protocol.encode(
+                        protocol.Release(
+                            leases=[
+                                protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id)
+                                for a in queued
+                            ]
+                        )
+                    )
+                )
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, protocol.Assign):
+            if self._stopping.is_set():
+                self._queue.extend(msg.tasks)
+                asyncio.ensure_future(self._hand_back())
+                return
+            self._queue.extend(msg.tasks)
+            self._queue_event.set()
+        elif isinstance(msg, protocol.Ack):
+            for lid in (*msg.accepted, *msg.refused):
+                self._unacked.pop(lid, None)
+            if msg.refused:
+                log.info("coordinator refused %d stale results", len(msg.refused))
+        elif isinstance(msg, protocol.Cancel):
+            gone = set(msg.leases)
+            self._queue = deque(a for a in self._queue if a.lease_id not in gone)
+            for lid in gone:
+                entry = self._running.get(lid)
+                if entry is not None:
+                    entry[1].cancel()
+        elif isinstance(msg, protocol.Drain):
+            self._draining = True
+            asyncio.ensure_future(self._hand_back())
+        else:
+            raise protocol.ProtocolError(f"unexpected {type(msg).__name__}")
+
+    async def _heartbeat_loop(self, ws: ClientConnection) -> None:
+        while True:
+            leases = [*self._running, *(a.lease_id for a in self._queue)]
+            await ws.send(protocol.encode(protocol.Heartbeat(leases=leases)))
+            await asyncio.sleep(self._heartbeat_s)
+
+    async def _watchdog(self) -> None:
+        """Stop tasks whose leases must have expired while the coordinator was away."""
+        while True:
+            await asyncio.sleep(0.25)
+            gone = self._disconnected_at
+            if gone is not None and time.monotonic() - gone > self._lost_after_s:
+                if self._running or self._queue:
+                    log.warning(
+                        "coordinator away for %.1fs: stopping %d tasks",
+                        time.monotonic() - gone,
+                        len(self._running) + len(self._queue),
+                    )
+                self._queue.clear()
+                for _, task in list(self._running.values()):
+                    task.cancel()
+
+    # --- running tasks ----------------------------------------------------------------
+
+    async def _slot_loop(self, slot: Slot) -> None:
+        while True:
+            while not self._queue or self._draining:
+                self._queue_event.clear()
+                await self._queue_event.wait()
+            assignment = self._queue.popleft()
+            task = asyncio.create_task(self._execute(slot, assignment))
+            self._running[assignment.lease_id] = (assignment, task)
+            try:
+                await asyncio.wait({task})
+            finally:
+                self._running.pop(assignment.lease_id, None)
+                if not task.done():
+                    task.cancel()
+
+    async def _execute(self, slot: Slot, a: protocol.Assignment) -> None:
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(STARTED_REPORT_DELAY_S, self._report_started, a)
+        try:
+            out = await slot.run(a)
+        except asyncio.CancelledError:
+            out = {"state": "cancelled", "reason": "cancelled"}
+        finally:
+            handle.cancel()
+        item = protocol.ResultItem(
+            task_id=a.task_id,
+            lease_id=a.lease_id,
+            state=out["state"],
+            reason=out.get("reason"),
+            result=out.get("result"),
+            error=out.get("error"),
+            error_pickle=out.get("error_pickle"),
+            output=out.get("output"),
+            started_at=out.get("started_at"),
+            ended_at=out.get("ended_at"),
+        )
+        self._unacked[a.lease_id] = item
+        self._out_results.append(item)
+        self._schedule_flush()
+
+    def _report_started(self, a: protocol.Assignment) -> None:
+        if a.lease_id in self._running:
+            self._out_started.append(protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id))
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Send on the next loop turn, so everything finished meanwhile shares one frame."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+
+    async def _flush(self) -> None:
+        self._flush_scheduled = False
+        ws = self._ws
+        if ws is None:
+            return  # resent from _unacked after the next pairing
+        messages: list[protocol._Msg] = []
+        if self._out_started:
+            messages.append(protocol.Started(leases=self._out_started, at=time.time()))
+            self._out_started = []
+        if self._out_results:
+            messages.append(protocol.Results(items=self._out_results))
+            self._out_results = []
+        if messages:
+            with contextlib.suppress(websockets.WebSocketException):
+                await ws.send(protocol.encode(*messages))
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+async def _recv(ws: ClientConnection) -> bytes:
+    frame = await asyncio.wait_for(ws.recv(), 10)
+    if isinstance(frame, str):
+        raise protocol.ProtocolError("expected a binary frame")
+    return frame

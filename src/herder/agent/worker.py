@@ -1,0 +1,129 @@
+"""A slot's worker process: runs one task at a time for its agent.
+
+Started as ``python -m herder.agent.worker FD`` with a socket on file
+descriptor FD; frames are a 4-byte big-endian length and a msgpack map.
+Only what a task needs is imported here, so a worker starts fast. The
+worker leads its own process group: a timeout or cancel kills the group,
+taking any command the task started with it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, BinaryIO
+
+import cloudpickle
+import msgpack
+
+from herder.model import TaskRef
+
+_TAIL = 4096
+
+
+def _read_frame(stream: BinaryIO) -> dict[str, Any] | None:
+    header = stream.read(4)
+    if len(header) < 4:
+        return None
+    (size,) = struct.unpack(">I", header)
+    data: dict[str, Any] = msgpack.unpackb(stream.read(size), raw=False)
+    return data
+
+
+def _write_frame(stream: BinaryIO, data: dict[str, Any]) -> None:
+    body = msgpack.packb(data, use_bin_type=True)
+    stream.write(struct.pack(">I", len(body)) + body)
+    stream.flush()
+
+
+def _resolve(value: Any, deps: dict[str, Any]) -> Any:
+    """Swap TaskRefs (also inside lists, tuples and dicts) for dependency results."""
+    if isinstance(value, TaskRef):
+        if value.task_id not in deps:
+            raise RuntimeError(f"the result of task {value.task_id} is not available")
+        return deps[value.task_id]
+    if type(value) in (list, tuple):
+        return type(value)(_resolve(v, deps) for v in value)
+    if type(value) is dict:
+        return {k: _resolve(v, deps) for k, v in value.items()}
+    return value
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def run_call(payload: bytes, dep_results: dict[str, bytes]) -> dict[str, Any]:
+    try:
+        fn, args, kwargs = cloudpickle.loads(payload)
+        deps = {k: cloudpickle.loads(v) for k, v in dep_results.items()}
+        args = _resolve(tuple(args), deps)
+        kwargs = _resolve(dict(kwargs), deps)
+        value = fn(*args, **kwargs)
+        return {"state": "succeeded", "result": cloudpickle.dumps(value)}
+    except BaseException as exc:  # a task failure is a result, whatever it raised
+        try:
+            pickled: bytes | None = cloudpickle.dumps(exc)
+        except Exception:
+            pickled = None
+        return {"state": "failed", "reason": "error", "error": _error(exc), "error_pickle": pickled}
+
+
+def run_command(command: dict[str, Any]) -> dict[str, Any]:
+    run = command["run"]
+    argv = ["sh", "-c", run] if isinstance(run, str) else list(run)
+    env = {**os.environ, **(command.get("env") or {})}
+    try:
+        proc = subprocess.run(
+            argv, env=env, cwd=command.get("cwd") or None, capture_output=True, check=False
+        )
+    except OSError as exc:
+        return {"state": "failed", "reason": "error", "error": _error(exc)}
+    output = {
+        "returncode": proc.returncode,
+        "stdout_tail": proc.stdout[-_TAIL:].decode(errors="replace"),
+        "stderr_tail": proc.stderr[-_TAIL:].decode(errors="replace"),
+    }
+    if proc.returncode == 0:
+        return {"state": "succeeded", "output": output}
+    return {
+        "state": "failed",
+        "reason": "exit code",
+        "output": output,
+        "error": {
+            "type": "CommandFailed",
+            "message": f"{argv[0]} exited with code {proc.returncode}",
+            "traceback": output["stderr_tail"],
+        },
+    }
+
+
+def main(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    rfile = sock.makefile("rb")
+    wfile = sock.makefile("wb")
+    while True:
+        frame = _read_frame(rfile)
+        if frame is None:
+            return
+        started = time.time()
+        if frame["kind"] == "call":
+            out = run_call(frame["payload"], frame.get("dep_results") or {})
+        else:
+            out = run_command(frame["command"])
+        out["started_at"] = started
+        out["ended_at"] = time.time()
+        _write_frame(wfile, out)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

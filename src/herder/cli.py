@@ -1,0 +1,473 @@
+"""The ``herder`` command: starts the coordinator and agents, and talks to a herd.
+
+Every option can also be set by the environment variable shown in ``--help``.
+This is the only module that installs signal handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from herder.errors import HerderError
+
+app = typer.Typer(
+    name="herder",
+    help="Raise a herd of worker nodes, keep it healthy, ship code to it and feed it tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", envvar="HERDER_HOME", help="The herder home directory.")
+]
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    if fmt == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(_JsonFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "at": record.created,
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def _env(home: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if home is not None:
+        env["HERDER_HOME"] = str(home)
+    return env
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _client(home: Path | None) -> Any:
+    from herder.client import connect
+
+    try:
+        return connect(env=_env(home))
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
+    except OSError as exc:
+        raise _fail(f"cannot reach the coordinator: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------
+# coordinator and agent
+
+
+@app.command()
+def up(
+    home: HomeOpt = None,
+    store: Annotated[
+        str | None,
+        typer.Option(envvar="HERDER_STORE", help="Store URL (sqlite:///PATH or postgresql://...)."),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(envvar="HERDER_LISTEN", help="HOST:PORT to serve HTTPS and WebSockets on."),
+    ] = None,
+    local: Annotated[
+        int, typer.Option(envvar="HERDER_LOCAL", help="Start and keep N local agents.")
+    ] = 0,
+    slots: Annotated[
+        int, typer.Option(envvar="HERDER_LOCAL_SLOTS", help="Slots of each local agent.")
+    ] = 1,
+    log_level: Annotated[str, typer.Option(envvar="HERDER_LOG_LEVEL")] = "info",
+    log_format: Annotated[
+        str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
+    ] = "text",
+) -> None:
+    """Run a coordinator in the foreground (SIGTERM or `herder down` stops it cleanly)."""
+    from herder.config import load_settings
+    from herder.coordinator.service import Coordinator
+
+    _setup_logging(log_level, log_format)
+    settings = load_settings(_env(home), store_url=store, listen=listen)
+
+    async def main() -> None:
+        coord = Coordinator(settings, local_agents=local, local_slots=slots)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, coord.stop)
+        async with coord:
+            console.print(f"herder coordinator at [bold]{coord.url}[/bold]", highlight=False)
+            await coord.wait_stopped()
+
+    try:
+        asyncio.run(main())
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
+    except OSError as exc:
+        raise _fail(f"cannot start the coordinator: {exc}") from exc
+
+
+@app.command()
+def down(
+    home: HomeOpt = None, wait: Annotated[float, typer.Option(help="Seconds to wait.")] = 60
+) -> None:
+    """Drain and stop the running coordinator (and its local agents)."""
+    from herder.config import default_home
+
+    state = default_home(_env(home)) / "coordinator.json"
+    with _client(home) as herd:
+        herd.shutdown()
+    deadline = time.monotonic() + wait
+    while state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if state.exists():
+        raise _fail(f"the coordinator did not stop within {wait}s")
+    console.print("coordinator stopped")
+
+
+@app.command()
+def token(
+    home: HomeOpt = None,
+    url: Annotated[str | None, typer.Option(help="URL to put in the token.")] = None,
+) -> None:
+    """Print the join token (TOKEN@URL) for agents and clients."""
+    from herder.client import resolve_target
+
+    try:
+        target, parsed = resolve_target(url, None, _env(home))
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
+    print(parsed.without_url().encode() + "@" + target)
+
+
+@app.command()
+def agent(
+    join: Annotated[
+        str | None, typer.Option(envvar="HERDER_JOIN", help="TOKEN@URL printed by `herder token`.")
+    ] = None,
+    slots: Annotated[int, typer.Option(envvar="HERDER_SLOTS", help="Tasks run at once.")] = 1,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="k=v label (repeatable).")
+    ] = None,
+    node_id: Annotated[str | None, typer.Option(envvar="HERDER_NODE_ID")] = None,
+    name: Annotated[str | None, typer.Option(envvar="HERDER_NODE_NAME")] = None,
+    prefetch: Annotated[
+        int | None,
+        typer.Option(envvar="HERDER_PREFETCH", help="Tasks queued on the node beyond its slots."),
+    ] = None,
+    provider: Annotated[str, typer.Option(hidden=True)] = "joined",
+    log_level: Annotated[str, typer.Option(envvar="HERDER_LOG_LEVEL")] = "info",
+    log_format: Annotated[
+        str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
+    ] = "text",
+) -> None:
+    """Run an agent: pair with a coordinator and run its tasks."""
+    from herder.agent.agent import Agent, AgentConfig
+    from herder.model import new_id
+    from herder.security import JoinToken
+
+    _setup_logging(log_level, log_format)
+    if not join:
+        raise _fail("give --join TOKEN@URL (or HERDER_JOIN)")
+    try:
+        parsed = JoinToken.parse(join)
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
+    if parsed.url is None:
+        raise _fail("the join token has no @URL part")
+    labels = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _fail(f"--label {item!r} must look like key=value")
+        labels[key] = value
+    config = AgentConfig(
+        url=parsed.url,
+        secret=parsed.secret,
+        fingerprint=parsed.fingerprint,
+        node_id=node_id or new_id("n"),
+        name=name or socket.gethostname(),
+        slots=slots,
+        prefetch=prefetch if prefetch is not None else max(2, slots * 2),
+        labels=labels,
+        provider=provider,
+    )
+
+    async def main() -> int:
+        node = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.stop)
+        return await node.run()
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+# ---------------------------------------------------------------------------
+# looking at the herd
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+@app.command()
+def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Counts by state, nodes, recent throughput."""
+    with _client(home) as herd:
+        data = herd.status()
+    if as_json:
+        _print_json(data)
+        return
+    console.print(
+        f"coordinator [bold]{data['url']}[/bold] up {data['uptime_s']:.0f}s", highlight=False
+    )
+    table = Table("tasks", "count")
+    for state, n in sorted(data["counts"].items()):
+        table.add_row(state, str(n))
+    console.print(table)
+    nodes = ", ".join(f"{n} {s}" for s, n in sorted(data["nodes"].items())) or "none"
+    console.print(f"nodes: {nodes}; {data['agents']} connected")
+    console.print(f"throughput: {data['throughput']:.1f} tasks/s (last 10 s)")
+
+
+@app.command()
+def nodes(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """The nodes of the herd."""
+    with _client(home) as herd:
+        rows = herd.nodes()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "state", "provider", "slots", "running", "labels", "reason")
+    for n in rows:
+        labels = ",".join(f"{k}={v}" for k, v in n["labels"].items())
+        table.add_row(
+            n["id"],
+            n["state"],
+            n["provider"],
+            str(n["slots"]),
+            str(n["running"]),
+            labels,
+            n["reason"] or "",
+        )
+    console.print(table)
+
+
+@app.command()
+def tasks(
+    home: HomeOpt = None,
+    state: Annotated[str | None, typer.Option(help="Only tasks in this state.")] = None,
+    job: Annotated[str | None, typer.Option(help="Only tasks of this job.")] = None,
+    limit: Annotated[int, typer.Option()] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List tasks."""
+    with _client(home) as herd:
+        try:
+            rows = herd.tasks(state=state, job=job, limit=limit)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "name", "state", "attempt", "node", "reason")
+    for t in rows:
+        table.add_row(
+            t["id"],
+            t["name"] or "",
+            t["state"],
+            f"{t['attempt']}/{t['max_attempts']}",
+            t["node_id"] or "",
+            t["reason"] or "",
+        )
+    console.print(table)
+
+
+@app.command("task")
+def task_detail(task_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """One task: spec, state history, result or error, output tail."""
+    with _client(home) as herd:
+        try:
+            data = herd.task(task_id)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    if as_json:
+        _print_json(data)
+        return
+    t = data["task"]
+    console.print(
+        f"[bold]{t['id']}[/bold] {t['name'] or ''} — {t['state']}"
+        + (f" ({t['reason']})" if t["reason"] else ""),
+        highlight=False,
+    )
+    console.print(
+        f"job {t['job_id']}, kind {t['kind']}, attempt {t['attempt']}/{t['max_attempts']}, priority {t['priority']}"
+    )
+    if t["command"]:
+        console.print(f"run: {t['command']['run']!r}", highlight=False)
+    if t["depends_on"]:
+        console.print(f"depends on: {', '.join(t['depends_on'])}")
+    table = Table("when", "what", "node", "lease")
+    table.add_row(_when(t["created_at"]), "submitted", "", "")
+    for a in data["attempts"]:
+        table.add_row(
+            _when(a["leased_at"]), f"attempt {a['attempt']} leased", a["node_id"], a["lease_id"]
+        )
+        if a["started_at"]:
+            table.add_row(_when(a["started_at"]), "started", a["node_id"], a["lease_id"])
+        if a["ended_at"]:
+            table.add_row(
+                _when(a["ended_at"]),
+                f"ended: {a['outcome']}" + (f" ({a['reason']})" if a["reason"] else ""),
+                a["node_id"],
+                a["lease_id"],
+            )
+    for e in data["events"]:
+        table.add_row(_when(e["at"]), e["action"], e["node_id"] or "", e["lease_id"] or "")
+    console.print(table)
+    if t["error"]:
+        console.print(
+            f"[red]{t['error'].get('type', 'error')}[/red]: {t['error'].get('message', '')}",
+            highlight=False,
+        )
+        if t["error"].get("traceback"):
+            console.print(t["error"]["traceback"], highlight=False, markup=False)
+    if t["output"]:
+        console.print(f"exit code {t['output'].get('returncode')}")
+        for stream in ("stdout_tail", "stderr_tail"):
+            if t["output"].get(stream):
+                console.print(f"--- {stream.split('_')[0]} (tail) ---")
+                console.print(t["output"][stream], highlight=False, markup=False, end="")
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return ""
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
+
+
+@app.command()
+def push(file: Path, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Submit a tasks file (TOML, JSON or YAML) as one job."""
+    from herder.taskfile import load_tasks_file
+
+    try:
+        parsed = load_tasks_file(file)
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
+    with _client(home) as herd:
+        try:
+            job_id = herd.push(parsed.specs, parsed.job_name or file.name)
+        except HerderError as exc:
+            raise _fail(f"{file}: {exc}") from exc
+    if as_json:
+        _print_json({"job_id": job_id, "tasks": len(parsed.specs)})
+    else:
+        console.print(
+            f"job [bold]{job_id}[/bold]: {len(parsed.specs)} tasks pushed", highlight=False
+        )
+
+
+@app.command()
+def wait(
+    job: Annotated[str | None, typer.Argument(help="Job id (default: the newest job).")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a job's progress until it finishes; exit 1 if any task failed."""
+    with _client(home) as herd:
+        if job is None:
+            jobs = herd.jobs(1)
+            if not jobs:
+                raise _fail("no jobs yet")
+            job = str(jobs[0]["id"])
+        summary = _watch_job(herd, job, quiet=as_json)
+    if as_json:
+        _print_json(summary)
+    else:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items()))
+        console.print(f"job {job}: {counts}", highlight=False)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+def _watch_job(herd: Any, job: str, *, quiet: bool) -> dict[str, Any]:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+    ) as progress:
+        bar = progress.add_task(job, total=None, detail="")
+        while True:
+            try:
+                summary: dict[str, Any] = herd.job(job)
+            except HerderError as exc:
+                raise _fail(str(exc)) from exc
+            counts = summary["counts"]
+            done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+            detail = " ".join(f"{s}:{n}" for s, n in sorted(counts.items()) if n)
+            progress.update(bar, total=summary["total"], completed=done, detail=detail)
+            if summary["finished"]:
+                return summary
+            time.sleep(0.2)
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[list[str] | None, typer.Argument(help="Task ids.")] = None,
+    job: Annotated[
+        str | None, typer.Option(help="Cancel every unfinished task of this job.")
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel tasks (running ones are killed) or a whole job."""
+    if not task_id and not job:
+        raise _fail("give task ids or --job")
+    with _client(home) as herd:
+        cancelled = herd.cancel(*(task_id or []), job=job)
+    if as_json:
+        _print_json({"cancelled": cancelled})
+    else:
+        console.print(f"{len(cancelled)} tasks cancelled")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,767 @@
+"""The Python API: submit calls and commands, get futures, ask questions.
+
+:class:`AsyncClient` is the implementation; :class:`Client` is a thin
+synchronous wrapper that runs it on an event loop in a background thread.
+Submissions made in the same loop turn travel in one frame and are
+committed in one transaction; a future's submission is acknowledged only
+after the coordinator committed it. Task ids are made here, so a
+submission resent after a lost connection is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cloudpickle
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from herder import protocol, security
+from herder.config import default_home
+from herder.errors import (
+    ClientClosed,
+    ConfigError,
+    ConnectionLost,
+    DependencyFailed,
+    HerderError,
+    SubmissionError,
+    TaskCancelled,
+    TaskError,
+    TaskLost,
+    TaskTimeout,
+)
+from herder.model import CommandSpec, TaskRef, TaskSpec, new_id
+
+T = TypeVar("T")
+DEFAULT_RETRIES = 2
+MAP_BATCH = 1000
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised on a node, attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+# ---------------------------------------------------------------------------
+# Futures
+
+
+class TaskFuture:
+    """A submitted task. ``await fut`` gives its result or raises its error."""
+
+    def __init__(self, task_id: str, job_id: str, kind: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.task_id = task_id
+        self.job_id = job_id
+        self.kind = kind
+        self.submitted: asyncio.Future[None] = loop.create_future()
+        self._outcome: asyncio.Future[protocol.Outcome] = loop.create_future()
+
+    def __repr__(self) -> str:
+        state = self._outcome.result().state if self._outcome.done() else "pending"
+        return f"<TaskFuture {self.task_id} {state}>"
+
+    def done(self) -> bool:
+        return self._outcome.done()
+
+    def _set(self, outcome: protocol.Outcome) -> None:
+        if not self._outcome.done():
+            self._outcome.set_result(outcome)
+
+    def _fail_submission(self, exc: BaseException) -> None:
+        if not self.submitted.done():
+            self.submitted.set_exception(exc)
+        if not self._outcome.done():
+            self._outcome.set_exception(exc)
+            self._outcome.exception()  # mark retrieved: result() raises it again
+        self.submitted.exception()
+
+    async def result(self) -> Any:
+        await self.submitted
+        return decode_outcome(await self._outcome, self.kind)
+
+    async def exception(self) -> BaseException | None:
+        try:
+            await self.result()
+        except Exception as exc:
+            return exc
+        return None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.result().__await__()
+
+
+def decode_outcome(outcome: protocol.Outcome, kind: str) -> Any:
+    """A result value, or the task's exception raised with its remote traceback."""
+    if outcome.state == "succeeded":
+        if kind == "call":
+            return cloudpickle.loads(outcome.result) if outcome.result is not None else None
+        return outcome.output
+    error = outcome.error or {}
+    tb = error.get("traceback") or ""
+    if outcome.error_pickle is not None:
+        try:
+            exc = cloudpickle.loads(outcome.error_pickle)
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            exc.__cause__ = RemoteTraceback(tb)
+            raise exc
+    message = f"task {outcome.task_id}: {error.get('message') or outcome.reason or outcome.state}"
+    cls: type[TaskError] = {
+        "timeout": TaskTimeout,
+        "lost": TaskLost,
+        "dependency failed": DependencyFailed,
+        "cancelled": TaskCancelled,
+    }.get(outcome.reason or "", TaskCancelled if outcome.state == "cancelled" else TaskError)
+    err = cls(message, task_id=outcome.task_id, reason=outcome.reason, output=outcome.output)
+    if tb:
+        raise err from RemoteTraceback(tb)
+    raise err
+
+
+# ---------------------------------------------------------------------------
+# Connection details
+
+
+def resolve_target(
+    url: str | None, token: str | None, env: Mapping[str, str]
+) -> tuple[str, security.JoinToken]:
+    """Find the coordinator: arguments, then HERDER_URL/HERDER_TOKEN, then the herder home."""
+    token = token or env.get("HERDER_TOKEN")
+    home = default_home(env)
+    if token is None:
+        try:
+            secret = security.load_secret(home / "secret")
+            fingerprint = security.ca_fingerprint((home / "tls" / "ca.pem").read_bytes())
+        except (OSError, HerderError) as exc:
+            raise ConfigError(
+                f"no HERDER_TOKEN and no coordinator credentials in {home} ({exc})"
+            ) from exc
+        parsed = security.JoinToken(secret, fingerprint)
+    else:
+        parsed = security.JoinToken.parse(token)
+    url = url or env.get("HERDER_URL") or parsed.url
+    if url is None:
+        state = home / "coordinator.json"
+        try:
+            url = str(json.loads(state.read_text())["url"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"no HERDER_URL and no running coordinator recorded in {state}"
+            ) from exc
+    return url.rstrip("/"), parsed
+
+
+# ---------------------------------------------------------------------------
+# The async client
+
+
+class AsyncClient:
+    """``async with await AsyncClient.open() as herd: await herd.submit(pow, 2, 10)``."""
+
+    def __init__(self, url: str, token: security.JoinToken, ca_pem: bytes) -> None:
+        self.url = url
+        self._token = token
+        self._ssl = security.client_ssl_context(ca_pem)
+        self._bearer = token.without_url().encode()
+        self.http = httpx.AsyncClient(
+            base_url=url,
+            verify=self._ssl,
+            headers={"Authorization": f"Bearer {self._bearer}"},
+            timeout=60,
+        )
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._futures: dict[str, TaskFuture] = {}
+        self._requests: dict[int, tuple[protocol.Submit, list[TaskFuture]]] = {}
+        self._next_req = 0
+        self._pending: list[tuple[str | None, TaskSpec, TaskFuture]] = []
+        self._flush_scheduled = False
+        self._closed = False
+        self._connected = asyncio.Event()
+        self._session_job: str | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> AsyncClient:
+        target, parsed = resolve_target(url, token, os.environ if env is None else env)
+        ca = await asyncio.to_thread(security.fetch_pinned_ca, target, parsed.fingerprint)
+        client = cls(target, parsed, ca)
+        await client._connect()
+        client._reader = asyncio.create_task(client._read_loop(), name="herder-client-reader")
+        return client
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._ws is not None:
+            await self._ws.close()
+        await self.http.aclose()
+        for fut in self._futures.values():
+            fut._fail_submission(ClientClosed())
+
+    async def _connect(self) -> None:
+        ws_url = "wss://" + self.url.split("://", 1)[1] + "/v1/session"
+        self._ws = await websockets.connect(
+            ws_url,
+            ssl=self._ssl,
+            additional_headers={"Authorization": f"Bearer {self._bearer}"},
+            max_size=protocol.MAX_FRAME_BYTES,
+            ping_interval=None,
+            compression=None,
+        )
+        self._connected.set()
+
+    async def _read_loop(self) -> None:
+        """Receive acknowledgements and outcomes; reconnect and resend when the link drops."""
+        while True:
+            ws = self._ws
+            assert ws is not None
+            try:
+                async for frame in ws:
+                    if isinstance(frame, bytes):
+                        self._on_frame(frame)
+            except websockets.ConnectionClosed:
+                pass
+            self._connected.clear()
+            await self._reconnect()
+
+    async def _reconnect(self, give_up_after: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + give_up_after
+        delay = 0.1
+        while True:
+            try:
+                await self._connect()
+                break
+            except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+                if loop.time() > deadline:
+                    err = ConnectionLost(f"coordinator {self.url} unreachable: {exc}")
+                    for fut in self._futures.values():
+                        fut._fail_submission(err)
+                    self._futures.clear()
+                    raise err from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        # resend what was not acknowledged (same ids: stored once), re-watch the rest
+        unacked = list(self._requests.values())
+        self._requests.clear()
+        for submit, futs in unacked:
+            self._send_submit(submit.job_id, submit.job_name, list(submit.tasks), futs)
+        watched = [tid for tid, f in self._futures.items() if f.submitted.done()]
+        if watched and self._ws is not None:
+            await self._ws.send(protocol.encode(protocol.Watch(task_ids=watched)))
+
+    def _on_frame(self, frame: bytes) -> None:
+        for msg in protocol.decode_server(frame):
+            if isinstance(msg, protocol.Submitted):
+                entry = self._requests.pop(msg.req, None)
+                if entry is None:
+                    continue
+                for fut in entry[1]:
+                    if msg.error is None:
+                        if not fut.submitted.done():
+                            fut.submitted.set_result(None)
+                    else:
+                        self._futures.pop(fut.task_id, None)
+                        fut._fail_submission(SubmissionError(msg.error))
+            elif isinstance(msg, protocol.Done):
+                for outcome in msg.items:
+                    waiting = self._futures.pop(outcome.task_id, None)
+                    if waiting is not None:
+                        waiting._set(outcome)
+
+    # --- submitting ---------------------------------------------------------------------
+
+    def _job(self, job: str | None) -> str:
+        if job is not None:
+            return job
+        if self._session_job is None:
+            self._session_job = new_id("j")
+        return self._session_job
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        priority: int = 0,
+        labels: Mapping[str, str] | None = None,
+        depends_on: Iterable[TaskFuture | Future | str] = (),
+        name: str | None = None,
+        job: str | None = None,
+        run_on_failure: bool = False,
+        **kwargs: Any,
+    ) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` on a node. Futures among the arguments are dependencies.
+
+        The keyword names above are herder's options; pass a function keyword
+        of the same name through ``functools.partial``.
+        """
+        deps: list[str] = []
+        args = _swap_futures(args, deps)
+        kwargs = _swap_futures(kwargs, deps)
+        deps.extend(_task_id(d) for d in depends_on)
+        spec = TaskSpec(
+            id=new_id("t"),
+            kind="call",
+            name=name or getattr(fn, "__name__", None),
+            payload=cloudpickle.dumps((fn, args, kwargs)),
+            depends_on=list(dict.fromkeys(deps)),
+            priority=priority,
+            max_attempts=retries + 1,
+            timeout_s=timeout,
+            labels=dict(labels or {}),
+            run_on_failure=run_on_failure,
+        )
+        return self._enqueue(self._job(job), None, spec)
+
+    def command(
+        self,
+        run: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        priority: int = 0,
+        labels: Mapping[str, str] | None = None,
+        depends_on: Iterable[TaskFuture | Future | str] = (),
+        name: str | None = None,
+        job: str | None = None,
+    ) -> TaskFuture:
+        """Run a program (argv, no shell) or a ``sh -c`` string; the result is its output."""
+        spec = TaskSpec(
+            id=new_id("t"),
+            kind="command",
+            name=name,
+            command=CommandSpec(
+                run=run if isinstance(run, str) else list(run), env=dict(env or {}), cwd=cwd
+            ),
+            depends_on=list(dict.fromkeys(_task_id(d) for d in depends_on)),
+            priority=priority,
+            max_attempts=retries + 1,
+            timeout_s=timeout,
+            labels=dict(labels or {}),
+        )
+        return self._enqueue(self._job(job), None, spec)
+
+    def _enqueue(self, job_id: str, job_name: str | None, spec: TaskSpec) -> TaskFuture:
+        if self._closed:
+            raise ClientClosed()
+        fut = TaskFuture(spec.id, job_id, spec.kind)
+        self._futures[spec.id] = fut
+        self._pending.append((job_name, spec, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        """Send everything submitted in this loop turn, one Submit per job."""
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        by_job: dict[str, tuple[str | None, list[TaskSpec], list[TaskFuture]]] = {}
+        for job_name, spec, fut in pending:
+            entry = by_job.setdefault(fut.job_id, (job_name, [], []))
+            entry[1].append(spec)
+            entry[2].append(fut)
+        for job_id, (job_name, specs, futs) in by_job.items():
+            self._send_submit(job_id, job_name, specs, futs)
+
+    def _send_submit(
+        self, job_id: str, job_name: str | None, specs: list[TaskSpec], futs: list[TaskFuture]
+    ) -> None:
+        self._next_req += 1
+        msg = protocol.Submit(req=self._next_req, job_id=job_id, job_name=job_name, tasks=specs)
+        self._requests[msg.req] = (msg, futs)
+        if self._ws is not None and self._connected.is_set():
+            task = asyncio.ensure_future(self._ws.send(protocol.encode(msg)))
+            task.add_done_callback(_ignore_closed)
+
+    async def submit_batch(
+        self, job_id: str, job_name: str | None, specs: list[TaskSpec]
+    ) -> list[TaskFuture]:
+        """Submit prepared specs as one transaction; returns once committed."""
+        futs = []
+        for spec in specs:
+            fut = TaskFuture(spec.id, job_id, spec.kind)
+            self._futures[spec.id] = fut
+            futs.append(fut)
+        self._send_submit(job_id, job_name, specs, futs)
+        if futs:
+            await futs[0].submitted
+        return futs
+
+    async def map(
+        self,
+        fn: Callable[..., T],
+        iterable: Iterable[Any],
+        *,
+        batch_size: int = MAP_BATCH,
+        job: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> list[T]:
+        """``[fn(x) for x in iterable]`` on the herd, results in order; one job."""
+        job_id = job or new_id("j")
+        fn_name = getattr(fn, "__name__", None)
+        futs: list[TaskFuture] = []
+        items = list(iterable)
+        pickled_fn = cloudpickle.dumps(fn)
+        for start in range(0, len(items), batch_size):
+            specs = [
+                TaskSpec(
+                    id=new_id("t"),
+                    kind="call",
+                    name=fn_name,
+                    payload=_payload_with(pickled_fn, item),
+                    priority=priority,
+                    max_attempts=retries + 1,
+                    timeout_s=timeout,
+                )
+                for item in items[start : start + batch_size]
+            ]
+            futs.extend(await self.submit_batch(job_id, f"map {fn_name}", specs))
+        return [await f for f in futs]
+
+    def future(self, task_id: str, kind: str = "call") -> TaskFuture:
+        """A future for a task submitted elsewhere (e.g. by ``herder push``)."""
+        fut = self._futures.get(task_id)
+        if fut is None:
+            fut = TaskFuture(task_id, "", kind)
+            fut.submitted.set_result(None)
+            self._futures[task_id] = fut
+            if self._ws is not None:
+                t = asyncio.ensure_future(
+                    self._ws.send(protocol.encode(protocol.Watch(task_ids=[task_id])))
+                )
+                t.add_done_callback(_ignore_closed)
+        return fut
+
+    # --- control and queries --------------------------------------------------------------
+
+    async def _get(self, path: str, **params: Any) -> Any:
+        response = await self.http.get(
+            path, params={k: v for k, v in params.items() if v is not None}
+        )
+        return _json(response)
+
+    async def _post(self, path: str, body: Any) -> Any:
+        return _json(await self.http.post(path, json=body))
+
+    async def cancel(
+        self, *targets: TaskFuture | Future | str, job: str | None = None
+    ) -> list[str]:
+        """Cancel tasks (running ones are killed) or a whole job; returns the cancelled ids."""
+        ids = [_task_id(t) for t in targets]
+        body = {"task_ids": ids or None, "job_id": job}
+        result: list[str] = (await self._post("/v1/cancel", body))["cancelled"]
+        return result
+
+    async def wait(self, job: str | None = None, *, poll_s: float = 0.2) -> dict[str, Any]:
+        """Wait until every task of ``job`` (default: this client's session job) is final."""
+        job_id = job or self._session_job
+        if job_id is None:
+            raise HerderError("nothing submitted yet: name a job")
+        while True:
+            summary: dict[str, Any] = await self._get(f"/v1/jobs/{job_id}")
+            if summary["finished"]:
+                return summary
+            await asyncio.sleep(poll_s)
+
+    async def push(self, specs: list[TaskSpec], job_name: str | None = None) -> str:
+        """Submit a parsed tasks file as one job, in one transaction; returns the job id."""
+        job_id = new_id("j")
+        body = {
+            "job_id": job_id,
+            "job_name": job_name,
+            "tasks": [_spec_json(s) for s in specs],
+        }
+        await self._post("/v1/tasks", body)
+        return job_id
+
+    async def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._get("/v1/status")
+        return result
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get("/v1/nodes")
+        return result
+
+    async def tasks(
+        self,
+        *,
+        state: str | None = None,
+        job: str | None = None,
+        node: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get(
+            "/v1/tasks", state=state, job=job, node=node, limit=limit, after=after
+        )
+        return result
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._get(f"/v1/tasks/{task_id}")
+        return result
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._get(f"/v1/jobs/{job_id}")
+        return result
+
+    async def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get("/v1/jobs", limit=limit)
+        return result
+
+    async def events(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get("/v1/events", after=after, limit=limit)
+        return result
+
+    async def shutdown(self) -> None:
+        await self._post("/v1/shutdown", {})
+
+
+def _json(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        if response.status_code in (400, 409, 422):
+            raise SubmissionError(f"{detail}")
+        raise HerderError(f"coordinator answered {response.status_code}: {detail}")
+    return response.json()
+
+
+def _spec_json(spec: TaskSpec) -> dict[str, Any]:
+    data = spec.model_dump(mode="json", exclude={"payload"})
+    if spec.payload is not None:
+        data["payload_b64"] = base64.b64encode(spec.payload).decode()
+    return data
+
+
+def _payload_with(pickled_fn: bytes, item: Any) -> bytes:
+    """Pickle ``(fn, (item,), {})`` reusing the already pickled function's bytes."""
+    payload: bytes = cloudpickle.dumps((_Pickled(pickled_fn), (item,), {}))
+    return payload
+
+
+class _Pickled:
+    """A function pickled once and embedded in many payloads (cheap ``map``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Callable[[bytes], Any], tuple[bytes]]:
+        return (cloudpickle.loads, (self.data,))
+
+
+def _task_id(target: TaskFuture | Future | str) -> str:
+    if isinstance(target, str):
+        return target
+    return target.task_id
+
+
+def _swap_futures(value: Any, deps: list[str]) -> Any:
+    if isinstance(value, (TaskFuture, Future)):
+        deps.append(value.task_id)
+        return TaskRef(value.task_id)
+    if type(value) in (list, tuple):
+        return type(value)(_swap_futures(v, deps) for v in value)
+    if type(value) is dict:
+        return {k: _swap_futures(v, deps) for k, v in value.items()}
+    return value
+
+
+def _ignore_closed(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, websockets.ConnectionClosed):
+            raise exc
+
+
+# ---------------------------------------------------------------------------
+# The sync wrapper
+
+
+class Future:
+    """The synchronous view of a :class:`TaskFuture`."""
+
+    def __init__(self, inner: TaskFuture, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = inner
+        self._loop = loop
+        self.task_id = inner.task_id
+        self.job_id = inner.job_id
+
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
+    def result(self, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(self._inner.result(), self._loop).result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return asyncio.run_coroutine_threadsafe(self._inner.exception(), self._loop).result(timeout)
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+
+class Client:
+    """``herd = herder.connect(); herd.submit(pow, 2, 10).result() == 1024``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="herder-client", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._async: AsyncClient = self._run(AsyncClient.open(url, token, env=env))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        async def call() -> T:
+            return await fn()
+
+        return self._run(call())
+
+    @property
+    def aio(self) -> AsyncClient:
+        """The async client underneath (use it from the client's own loop only)."""
+        return self._async
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            self._run(self._async.close())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def _submitted(self, make: Callable[[], TaskFuture]) -> Future:
+        async def go() -> TaskFuture:
+            fut = make()
+            await fut.submitted
+            return fut
+
+        return Future(self._run(go()), self._loop)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """As :meth:`AsyncClient.submit`; returns once the submission is committed."""
+        return self._submitted(lambda: self._async.submit(fn, *args, **kwargs))
+
+    def command(self, run: Sequence[str] | str, **options: Any) -> Future:
+        return self._submitted(lambda: self._async.command(run, **options))
+
+    def map(
+        self, fn: Callable[..., T], iterable: Iterable[Any], **options: Any
+    ) -> builtins.list[T]:
+        return self._run(self._async.map(fn, iterable, **options))
+
+    def future(self, task_id: str, kind: str = "call") -> Future:
+        async def make() -> TaskFuture:
+            return self._async.future(task_id, kind)
+
+        return Future(self._run(make()), self._loop)
+
+    def cancel(self, *targets: Future | str, job: str | None = None) -> builtins.list[str]:
+        return self._run(self._async.cancel(*targets, job=job))
+
+    def wait(self, job: str | None = None) -> dict[str, Any]:
+        return self._run(self._async.wait(job))
+
+    def push(self, specs: builtins.list[TaskSpec], job_name: str | None = None) -> str:
+        return self._run(self._async.push(specs, job_name))
+
+    def status(self) -> dict[str, Any]:
+        return self._run(self._async.status())
+
+    def nodes(self) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.nodes())
+
+    def tasks(self, **filters: Any) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.tasks(**filters))
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return self._run(self._async.task(task_id))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._run(self._async.job(job_id))
+
+    def jobs(self, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.jobs(limit))
+
+    def events(self, after: int = 0, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.events(after, limit))
+
+    def shutdown(self) -> None:
+        self._run(self._async.shutdown())
+
+
+def connect(
+    url: str | None = None, token: str | None = None, *, env: Mapping[str, str] | None = None
+) -> Client:
+    """Connect to a coordinator: arguments, else HERDER_URL / HERDER_TOKEN, else ~/.herder."""
+    return Client(url, token, env=env)
+
+
+def credentials_path(home: Path) -> Path:
+    return home / "coordinator.json"

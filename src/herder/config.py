@@ -1,0 +1,140 @@
+"""Settings: ``herder.toml`` in the herder home plus ``HERDER_*`` environment variables.
+
+One source per knob. The environment is passed in as a mapping (never read
+behind the caller's back), so tests build settings for a temporary home
+without touching ``os.environ``. Precedence: explicit overrides (CLI options)
+> environment > ``herder.toml`` > defaults.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from herder.errors import ConfigError
+
+DEFAULT_PORT = 7420
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every time limit in one place (seconds)."""
+
+    heartbeat_s: float = 1.0
+    lost_after_s: float = 5.0
+    reconnect_max_s: float = 5.0
+    shutdown_grace_s: float = 10.0
+    replace_check_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    store_url: str
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    advertise_url: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    prefetch_per_slot: int = 64
+    result_batch_ms: float = 2.0
+
+    @property
+    def secret_path(self) -> Path:
+        return self.home / "secret"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.home / "tls"
+
+    @property
+    def state_path(self) -> Path:
+        """Where a running coordinator writes its URL and pid for the CLI."""
+        return self.home / "coordinator.json"
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+    @property
+    def url(self) -> str:
+        """The URL agents and clients use to reach this coordinator."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.listen_host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"https://{host}:{self.listen_port}"
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"listen address {listen!r} must look like HOST:PORT", field="listen")
+    return host.strip("[]"), int(port)
+
+
+def default_home(env: Mapping[str, str]) -> Path:
+    if env.get("HERDER_HOME"):
+        return Path(env["HERDER_HOME"]).expanduser()
+    return Path(env.get("HOME", "~")).expanduser() / ".herder"
+
+
+_ENV_KEYS = {
+    "HERDER_STORE": "store_url",
+    "HERDER_LISTEN": "listen",
+    "HERDER_ADVERTISE_URL": "advertise_url",
+}
+_TIMEOUT_KEYS = {f.name for f in fields(Timeouts)}
+_TOP_KEYS = {"store_url", "listen", "advertise_url", "prefetch_per_slot", "result_batch_ms"}
+
+
+def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
+    """Build settings from ``herder.toml`` in the home, then ``env``, then ``overrides``.
+
+    ``None`` overrides are ignored so CLI options can be passed through as they are.
+    """
+    home = Path(overrides.pop("home", None) or default_home(env))
+    values: dict[str, Any] = {}
+    timeouts: dict[str, float] = {}
+    toml_path = home / "herder.toml"
+    if toml_path.exists():
+        try:
+            data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{toml_path}: {exc}", path=str(toml_path)) from exc
+        section = data.get("coordinator", {})
+        for key, value in section.items():
+            if key in _TOP_KEYS:
+                values[key] = value
+            elif key in _TIMEOUT_KEYS:
+                timeouts[key] = float(value)
+            else:
+                raise ConfigError(
+                    f"{toml_path}: [coordinator] has an unknown key {key!r}",
+                    path=str(toml_path),
+                    field=key,
+                )
+    for env_key, name in _ENV_KEYS.items():
+        if env.get(env_key):
+            values[name] = env[env_key]
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in _TIMEOUT_KEYS:
+            timeouts[key] = float(value)
+        else:
+            values[key] = value
+    values.setdefault("store_url", f"sqlite:///{home / 'herd.db'}")
+    settings = Settings(home=home, **values)
+    if timeouts:
+        settings = replace(settings, timeouts=replace(settings.timeouts, **timeouts))
+    split_host_port(settings.listen)  # validate early, naming the field
+    return settings

@@ -1,0 +1,245 @@
+"""REST and WebSocket routes of the coordinator.
+
+Every route but ``/v1/ca`` (the public CA certificate, needed to pin TLS)
+requires a bearer token; agents authenticate by the mutual handshake on
+``/v1/agent`` instead. Handlers are thin: they parse, call the service or
+the store, and shape the answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from herder import protocol, security
+from herder.errors import StoreError, SubmissionError
+from herder.model import CommandSpec, TaskSpec, TaskState
+
+from .sessions import ClientSession
+
+if TYPE_CHECKING:
+    from .service import Coordinator
+
+log = logging.getLogger("herder.coordinator")
+
+
+class TaskIn(BaseModel):
+    """A task in a JSON submission; ``payload`` is base64 for call tasks."""
+
+    id: str
+    kind: str
+    name: str | None = None
+    payload_b64: str | None = None
+    command: CommandSpec | None = None
+    depends_on: list[str] = Field(default_factory=list)
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_s: float | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    run_on_failure: bool = False
+
+
+class SubmitIn(BaseModel):
+    job_id: str
+    job_name: str | None = None
+    tasks: list[TaskIn] = Field(min_length=1, max_length=1_000_000)
+
+
+class CancelIn(BaseModel):
+    task_ids: list[str] | None = None
+    job_id: str | None = None
+
+
+def create_app(coord: Coordinator) -> FastAPI:
+    app = FastAPI(title="herder coordinator", version="1")
+
+    def authenticated(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not security.bearer_matches(token, coord.secret):
+            raise HTTPException(401, "a valid bearer token is required")
+
+    auth = [Depends(authenticated)]
+
+    @app.exception_handler(StoreError)
+    async def _store_down(_: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/v1/ca")
+    async def ca() -> Response:
+        return Response(coord.ca_pem, media_type="application/x-pem-file")
+
+    @app.get("/v1/health", dependencies=auth)
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "url": coord.url, "stopping": coord.is_stopping}
+
+    @app.get("/v1/status", dependencies=auth)
+    async def status(window_s: float = 10.0) -> dict[str, Any]:
+        import time
+
+        stats = coord.statistics()
+        nodes = await coord.store.nodes()
+        done = await coord.store.finished_since(time.time() - window_s)
+        return {
+            "url": coord.url,
+            "counts": await coord.store.counts(),
+            "nodes": {s: sum(1 for n in nodes if n.state == s) for s in {n.state for n in nodes}},
+            "agents": stats.agents,
+            "throughput": done / window_s,
+            "uptime_s": time.time() - stats.started_at,
+        }
+
+    @app.post("/v1/tasks", dependencies=auth)
+    async def submit(body: SubmitIn) -> dict[str, Any]:
+        specs = []
+        for i, t in enumerate(body.tasks):
+            try:
+                specs.append(
+                    TaskSpec(
+                        id=t.id,
+                        kind=t.kind,  # type: ignore[arg-type]
+                        name=t.name,
+                        payload=base64.b64decode(t.payload_b64) if t.payload_b64 else None,
+                        command=t.command,
+                        depends_on=t.depends_on,
+                        priority=t.priority,
+                        max_attempts=t.max_attempts,
+                        timeout_s=t.timeout_s,
+                        labels=t.labels,
+                        run_on_failure=t.run_on_failure,
+                    )
+                )
+            except ValueError as exc:
+                raise HTTPException(422, f"tasks[{i}] ({t.name or t.id}): {exc}") from exc
+        try:
+            await coord.submit(body.job_id, body.job_name, specs, None)
+        except SubmissionError as exc:
+            raise HTTPException(getattr(exc, "status", 422), str(exc)) from exc
+        return {"job_id": body.job_id, "task_ids": [s.id for s in specs]}
+
+    @app.get("/v1/tasks", dependencies=auth)
+    async def list_tasks(
+        state: TaskState | None = None,
+        job: str | None = None,
+        node: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
+        rows = await coord.store.tasks(
+            state=state, job_id=job, node_id=node, limit=limit, after=after
+        )
+        return [r.model_dump(mode="json") for r in rows]
+
+    @app.get("/v1/tasks/{task_id}", dependencies=auth)
+    async def get_task(task_id: str) -> dict[str, Any]:
+        record = await coord.store.task(task_id)
+        if record is None:
+            raise HTTPException(404, f"no task {task_id}")
+        return {
+            "task": record.model_dump(mode="json"),
+            "attempts": [a.model_dump(mode="json") for a in await coord.store.attempts(task_id)],
+            "events": [
+                e.model_dump(mode="json")
+                for e in await coord.store.events(task_id=task_id, limit=1000)
+            ],
+        }
+
+    @app.post("/v1/cancel", dependencies=auth)
+    async def cancel(body: CancelIn) -> dict[str, Any]:
+        if body.task_ids is None and body.job_id is None:
+            raise HTTPException(422, "give task_ids or job_id")
+        return {"cancelled": await coord.cancel(body.task_ids, body.job_id)}
+
+    @app.get("/v1/jobs", dependencies=auth)
+    async def list_jobs(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
+        return [_job_json(j) for j in await coord.store.jobs(limit)]
+
+    @app.get("/v1/jobs/{job_id}", dependencies=auth)
+    async def get_job(job_id: str) -> dict[str, Any]:
+        job = await coord.store.job(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return _job_json(job)
+
+    @app.get("/v1/nodes", dependencies=auth)
+    async def list_nodes() -> list[dict[str, Any]]:
+        out = []
+        for n in await coord.store.nodes():
+            d = n.model_dump(mode="json")
+            live = coord.agents.get(n.id)
+            d["running"] = len(live.outstanding) if live else 0
+            out.append(d)
+        return out
+
+    @app.get("/v1/events", dependencies=auth)
+    async def list_events(
+        after: int = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+    ) -> list[dict[str, Any]]:
+        return [
+            e.model_dump(mode="json") for e in await coord.store.events(after=after, limit=limit)
+        ]
+
+    @app.post("/v1/shutdown", dependencies=auth)
+    async def shutdown() -> dict[str, Any]:
+        coord.stop()
+        return {"stopping": True}
+
+    @app.websocket("/v1/agent")
+    async def agent_ws(ws: WebSocket) -> None:
+        await coord.serve_agent(ws)
+
+    @app.websocket("/v1/session")
+    async def session_ws(ws: WebSocket) -> None:
+        header = ws.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not security.bearer_matches(token, coord.secret):
+            await ws.close(4401, "a valid bearer token is required")
+            return
+        await ws.accept()
+        client = ClientSession(ws=ws)
+        coord.clients.add(client)
+        try:
+            while True:
+                frame = await ws.receive_bytes()
+                for msg in protocol.decode_client(frame):
+                    if isinstance(msg, protocol.Submit):
+                        error = None
+                        try:
+                            await coord.submit(msg.job_id, msg.job_name, msg.tasks, client)
+                        except SubmissionError as exc:
+                            error = str(exc)
+                        await client.send(protocol.Submitted(req=msg.req, error=error))
+                    else:
+                        coord.watch(client, msg.task_ids)
+                        finals = await coord.store.finals(msg.task_ids)
+                        coord._notify(finals)
+        except protocol.ProtocolError as exc:
+            await ws.close(4400, str(exc)[:120])
+        except Exception as exc:
+            from .service import _is_disconnect
+
+            if not _is_disconnect(exc):
+                raise
+        finally:
+            client.closed = True
+            coord.clients.discard(client)
+            coord.unwatch(client, list(client.watched))
+
+    return app
+
+
+def _job_json(job: Any) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "name": job.name,
+        "created_at": job.created_at,
+        "counts": job.counts,
+        "total": job.total,
+        "finished": job.finished,
+        "failed": job.failed,
+    }

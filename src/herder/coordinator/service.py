@@ -1,0 +1,731 @@
+"""The coordinator service: wires store, sessions, dispatch, lease expiry and the fleet.
+
+Written shutdown order (:meth:`Coordinator.run` after :meth:`stop`):
+
+1. stop intake: new submissions are refused with 503, nothing new is dispatched;
+2. tell every agent to drain: unstarted leases come back, running tasks finish;
+3. wait up to ``shutdown_grace_s`` for outstanding leases to report;
+4. stop the local agents the coordinator started;
+5. stop the HTTP server, cancel the loops, close the store.
+
+Each step is logged. :meth:`stop` is idempotent and only sets an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import WebSocket
+
+from herder import protocol, security
+from herder.config import Settings
+from herder.errors import StoreError, SubmissionError
+from herder.fleet import LocalFleet
+from herder.model import (
+    NodeRecord,
+    NodeState,
+    Reason,
+    TaskSpec,
+    TaskState,
+    labels_match,
+)
+from herder.providers.local import LocalProvider
+from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission, TaskResult
+from herder.store.sql import SqlStore
+
+from .sessions import AgentSession, ClientSession
+
+log = logging.getLogger("herder.coordinator")
+
+
+@dataclass(frozen=True)
+class CoordinatorStats:
+    """A snapshot for status displays and telemetry."""
+
+    agents: int
+    clients: int
+    outstanding: int
+    ready_hint: int
+    dispatched: int
+    completed: int
+    started_at: float
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: only ``cli.py`` installs handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class Coordinator:
+    """One coordinator: ``async with Coordinator(settings) as c: await c.wait_stopped()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        local_agents: int = 0,
+        local_slots: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = SqlStore(settings.store_url)
+        self.secret = security.load_or_create_secret(settings.secret_path)
+        self.tls = security.ensure_tls(settings.tls_dir, [settings.listen_host])
+        self.ca_pem = self.tls.ca_cert.read_bytes()
+        self.fingerprint = security.ca_fingerprint(self.ca_pem)
+        self._sock = self._bind()
+        port = self._sock.getsockname()[1]
+        self.url = settings.url.rsplit(":", 1)[0] + f":{port}"
+        self.agents: dict[str, AgentSession] = {}
+        self.clients: set[ClientSession] = set()
+        self.watchers: dict[str, set[ClientSession]] = {}
+        self._known_ckeys: set[str] = {""}
+        self._ready_hint = 0
+        self._wake = asyncio.Event()
+        self._results: asyncio.Queue[tuple[AgentSession, list[protocol.ResultItem]]] = (
+            asyncio.Queue()
+        )
+        self._started: list[tuple[str, str]] = []
+        self._submissions: list[tuple[Submission, asyncio.Future[None]]] = []
+        self._released: list[tuple[str, str]] = []
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._orphan_deadline: dict[str, float] = {}
+        self._dispatched = 0
+        self._completed = 0
+        self._started_at = time.time()
+        self.fleet = LocalFleet(
+            LocalProvider(
+                join=self.join_token(),
+                slots=local_slots,
+                home=settings.home,
+                env=env if env is not None else dict(os.environ),
+            ),
+            desired=local_agents,
+        )
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        host, port = self.settings.listen_host, self.settings.listen_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit this on Linux; without it Nagle holds a small
+        # frame behind an unacknowledged one for a delayed-ACK period (40 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    def join_token(self) -> str:
+        return security.JoinToken(self.secret, self.fingerprint, self.url).encode()
+
+    async def __aenter__(self) -> Coordinator:
+        self._task = asyncio.create_task(self.run(), name="coordinator")
+        ready = asyncio.create_task(self._ready.wait())
+        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            ready.cancel()
+            self._task.result()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+        if self._task is not None:
+            await self._task
+
+    def stop(self) -> None:
+        """Ask for an orderly shutdown (idempotent)."""
+        self._stopping.set()
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def statistics(self) -> CoordinatorStats:
+        return CoordinatorStats(
+            agents=len(self.agents),
+            clients=len(self.clients),
+            outstanding=sum(len(a.outstanding) for a in self.agents.values()),
+            ready_hint=self._ready_hint,
+            dispatched=self._dispatched,
+            completed=self._completed,
+            started_at=self._started_at,
+        )
+
+    async def run(self) -> None:
+        from .app import create_app
+
+        await self.store.open()
+        try:
+            await self._recover()
+            config = uvicorn.Config(
+                create_app(self),
+                ssl_certfile=str(self.tls.cert),
+                ssl_keyfile=str(self.tls.key),
+                log_level="warning",
+                lifespan="off",
+                ws_max_size=protocol.MAX_FRAME_BYTES,
+                ws_ping_interval=None,
+                timeout_graceful_shutdown=2,
+            )
+            self._server = _Server(config)
+            async with asyncio.TaskGroup() as tg:
+                server_task = tg.create_task(self._server.serve(sockets=[self._sock]), name="http")
+                while not self._server.started:
+                    if server_task.done():
+                        return
+                    await asyncio.sleep(0.01)
+                loops = [
+                    tg.create_task(self._engine_loop(), name="engine"),
+                    tg.create_task(self._expiry_loop(), name="lease-expiry"),
+                    tg.create_task(self._fleet_loop(), name="fleet"),
+                ]
+                self._write_state_file()
+                log.info("coordinator ready at %s (store %s)", self.url, self.store.url)
+                self._ready.set()
+                await self._stopping.wait()
+                await self._shutdown(loops)
+                self._server.should_exit = True
+        finally:
+            await self.store.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.state_path.unlink()
+            self._stopped.set()
+            log.info("coordinator stopped")
+
+    def _write_state_file(self) -> None:
+        path = self.settings.state_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        os.replace(tmp, path)
+
+    async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
+        log.info("shutdown 1/5: intake stopped")
+        log.info("shutdown 2/5: draining %d agents", len(self.agents))
+        for agent in list(self.agents.values()):
+            agent.draining = True
+            with contextlib.suppress(Exception):
+                await agent.send(protocol.Drain())
+        deadline = time.monotonic() + self.settings.timeouts.shutdown_grace_s
+        while time.monotonic() < deadline and any(a.outstanding for a in self.agents.values()):
+            await asyncio.sleep(0.05)
+        left = sum(len(a.outstanding) for a in self.agents.values())
+        log.info("shutdown 3/5: %d leases still out after the grace period", left)
+        await self.fleet.stop_all(grace=self.settings.timeouts.shutdown_grace_s)
+        log.info("shutdown 4/5: local agents stopped")
+        for task in loops:
+            task.cancel()
+        for agent in list(self.agents.values()):
+            agent.closed = True
+            with contextlib.suppress(Exception):
+                await agent.ws.close(1001, "coordinator shutting down")
+        for client in list(self.clients):
+            client.closed = True
+            with contextlib.suppress(Exception):
+                await client.ws.close(1001, "coordinator shutting down")
+        log.info("shutdown 5/5: connections closed")
+
+    async def _recover(self) -> None:
+        """After a (re)start: count the queue, and give known nodes time to come back."""
+        counts = await self.store.counts()
+        self._ready_hint = counts.get(TaskState.READY.value, 0)
+        self._known_ckeys.update(await self.store.ready_constraint_keys())
+        deadline = time.monotonic() + self.settings.timeouts.lost_after_s
+        now = time.time()
+        for node in await self.store.nodes():
+            if node.state.is_alive:
+                self._orphan_deadline[node.id] = deadline
+            else:
+                self._apply(await self.store.requeue_node(node.id, Reason.LOST_HEARTBEAT, now))
+
+    @property
+    def is_stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # --- submissions and cancel -----------------------------------------------------
+
+    async def submit(
+        self,
+        job_id: str,
+        job_name: str | None,
+        specs: list[TaskSpec],
+        watcher: ClientSession | None,
+    ) -> None:
+        """Commit a batch, then (only then) return so the caller can acknowledge it.
+
+        The batch rides the engine's next transaction, together with results
+        and claims; so a submission can be leased in the very commit that
+        stores it.
+        """
+        if self.is_stopping:
+            raise SubmissionError("the coordinator is shutting down", status=503)
+        if watcher is not None:
+            self.watch(watcher, [s.id for s in specs])
+        self._known_ckeys.update(s.constraint_key() for s in specs)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submissions.append((Submission(job_id, job_name, specs), done))
+        self._wake.set()
+        try:
+            await done
+        except Exception:
+            if watcher is not None:
+                self.unwatch(watcher, [s.id for s in specs])
+            raise
+
+    async def cancel(self, task_ids: list[str] | None, job_id: str | None) -> list[str]:
+        changes = await self.store.cancel(task_ids, job_id, time.time())
+        by_node: dict[str, list[str]] = {}
+        for node_id, lease_id in changes.cancel_leases:
+            by_node.setdefault(node_id, []).append(lease_id)
+        for node_id, leases in by_node.items():
+            agent = self.agents.get(node_id)
+            if agent is not None:
+                for lease in leases:
+                    agent.outstanding.pop(lease, None)
+                with contextlib.suppress(Exception):
+                    await agent.send(protocol.Cancel(leases=leases))
+        self._apply(changes)
+        return [f.task_id for f in changes.finals if f.state is TaskState.CANCELLED]
+
+    def watch(self, client: ClientSession, task_ids: Iterable[str]) -> None:
+        for tid in task_ids:
+            self.watchers.setdefault(tid, set()).add(client)
+            client.watched.add(tid)
+
+    def unwatch(self, client: ClientSession, task_ids: Iterable[str]) -> None:
+        for tid in task_ids:
+            ws = self.watchers.get(tid)
+            if ws is not None:
+                ws.discard(client)
+                if not ws:
+                    del self.watchers[tid]
+            client.watched.discard(tid)
+
+    def _apply(self, changes: Changes) -> None:
+        """Act on a committed transaction: wake dispatch, tell watchers."""
+        if changes.newly_ready:
+            self._ready_hint += changes.newly_ready
+            self._wake.set()
+        if changes.finals:
+            self._completed += len(changes.finals)
+            self._notify(changes.finals)
+
+    def _notify(self, finals: list[Final]) -> None:
+        by_client: dict[ClientSession, list[protocol.Outcome]] = {}
+        for f in finals:
+            clients = self.watchers.pop(f.task_id, None)
+            if not clients:
+                continue
+            outcome = protocol.Outcome(
+                task_id=f.task_id,
+                state=f.state.value,  # type: ignore[arg-type]
+                reason=f.reason,
+                result=f.result,
+                error=f.error,
+                error_pickle=f.error_pickle,
+                output=f.output,
+            )
+            for c in clients:
+                c.watched.discard(f.task_id)
+                by_client.setdefault(c, []).append(outcome)
+        for client, items in by_client.items():
+            self._spawn(client.send(protocol.Done(items=items)))
+
+    def _spawn(self, coro: Any) -> None:
+        """Fire a send whose failure only means the peer went away."""
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_send_failure)
+
+    # --- agents -------------------------------------------------------------------------
+
+    async def serve_agent(self, ws: WebSocket) -> None:
+        """Pair with an agent (mutual HMAC), then serve it until it goes."""
+        peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+        try:
+            session = await asyncio.wait_for(self._pair(ws, peer), timeout=10)
+        except TimeoutError:
+            log.warning("pairing with %s timed out", peer)
+            await ws.close(4408, "pairing timed out")
+            return
+        if session is None:
+            return
+        try:
+            while True:
+                frame = await ws.receive_bytes()
+                session.last_heard = time.monotonic()
+                for msg in protocol.decode_agent(frame):
+                    await self._on_agent_message(session, msg)
+        except protocol.ProtocolError as exc:
+            log.warning("agent %s sent a bad frame: %s", session.node_id, exc)
+            await ws.close(4400, str(exc)[:120])
+        except Exception as exc:  # the socket went away: the expiry loop decides
+            if not _is_disconnect(exc):
+                raise
+        finally:
+            session.closed = True
+            if self.agents.get(session.node_id) is session:
+                del self.agents[session.node_id]
+                self._orphan_deadline[session.node_id] = (
+                    session.last_heard + self.settings.timeouts.lost_after_s
+                )
+
+    async def _pair(self, ws: WebSocket, peer: str) -> AgentSession | None:
+        await ws.accept()
+        try:
+            (hello,) = protocol.decode_agent(await ws.receive_bytes())
+        except (ValueError, protocol.ProtocolError) as exc:
+            log.warning("refused agent at %s: bad hello (%s)", peer, exc)
+            await ws.close(4400, "bad hello")
+            return None
+        if not isinstance(hello, protocol.Hello) or hello.v != protocol.VERSION:
+            log.warning("refused agent at %s: expected hello v%d", peer, protocol.VERSION)
+            await ws.close(4400, "expected hello")
+            return None
+        nonce = security.new_nonce()
+        mac = security.coordinator_proof(self.secret, hello.nonce, nonce)
+        await ws.send_bytes(protocol.encode(protocol.Challenge(nonce=nonce, mac=mac)))
+        try:
+            (reply,) = protocol.decode_agent(await ws.receive_bytes())
+        except (ValueError, protocol.ProtocolError) as exc:
+            log.warning("refused agent %s at %s: bad proof frame (%s)", hello.node_id, peer, exc)
+            await ws.close(4400, "bad proof")
+            return None
+        if isinstance(reply, protocol.Bye):
+            log.warning("agent %s at %s refused to pair: %s", hello.node_id, peer, reply.reason)
+            await self.store.add_event(
+                "pairing_refused",
+                time.time(),
+                node_id=hello.node_id,
+                data={"by": "agent", "reason": reply.reason},
+            )
+            await ws.close(4401, "pairing refused")
+            return None
+        expected = security.agent_proof(self.secret, nonce, hello.nonce)
+        if not isinstance(reply, protocol.Proof) or not security.proofs_equal(reply.mac, expected):
+            log.warning("refused agent %s at %s: wrong secret", hello.node_id, peer)
+            await self.store.add_event(
+                "pairing_refused",
+                time.time(),
+                node_id=hello.node_id,
+                data={"by": "coordinator", "reason": "wrong secret"},
+            )
+            await ws.send_bytes(protocol.encode(protocol.Refuse(reason="authentication failed")))
+            await ws.close(4401, "authentication failed")
+            return None
+        return await self._register(ws, hello)
+
+    async def _register(self, ws: WebSocket, hello: protocol.Hello) -> AgentSession:
+        now = time.time()
+        old = self.agents.pop(hello.node_id, None)
+        if old is not None:
+            old.closed = True
+            with contextlib.suppress(Exception):
+                await old.ws.close(4409, "replaced by a new connection")
+        self._orphan_deadline.pop(hello.node_id, None)
+        existing = {n.id: n for n in await self.store.nodes()}.get(hello.node_id)
+        record = NodeRecord(
+            id=hello.node_id,
+            name=hello.name,
+            state=NodeState.CONNECTED,
+            provider=existing.provider if existing else hello.provider,
+            labels=hello.labels,
+            slots=hello.slots,
+            host=hello.host,
+            pid=hello.pid,
+            created_at=existing.created_at if existing else now,
+            last_seen=now,
+            reason=None,
+        )
+        await self.store.upsert_node(record)
+        held = [(h.task_id, h.lease_id) for h in hello.held]
+        adopted = await self.store.adopt(hello.node_id, held)
+        self._apply(
+            await self.store.requeue_node(
+                hello.node_id, Reason.LOST_HEARTBEAT, now, keep=set(adopted)
+            )
+        )
+        await self.store.set_node_state(hello.node_id, NodeState.READY, None, now)
+        session = AgentSession(
+            node_id=hello.node_id,
+            name=hello.name,
+            slots=hello.slots,
+            prefetch=hello.prefetch,
+            labels=hello.labels,
+            ws=ws,
+        )
+        task_of = dict((lid, tid) for tid, lid in held)
+        session.outstanding = {lid: task_of[lid] for lid in adopted}
+        self.agents[hello.node_id] = session
+        await session.send(
+            protocol.Welcome(
+                node_id=hello.node_id,
+                heartbeat_s=self.settings.timeouts.heartbeat_s,
+                lost_after_s=self.settings.timeouts.lost_after_s,
+                adopted=adopted,
+            )
+        )
+        if self.is_stopping:
+            session.draining = True
+            await session.send(protocol.Drain())
+        log.info(
+            "agent %s paired (%d slots, %d leases adopted)",
+            hello.node_id,
+            hello.slots,
+            len(adopted),
+        )
+        self._wake.set()
+        return session
+
+    async def _on_agent_message(self, session: AgentSession, msg: Any) -> None:
+        if isinstance(msg, protocol.Heartbeat):
+            stale = [lid for lid in msg.leases if lid not in session.outstanding]
+            if stale:
+                await session.send(protocol.Cancel(leases=stale))
+        elif isinstance(msg, protocol.Started):
+            self._started.extend(
+                (h.task_id, h.lease_id) for h in msg.leases if h.lease_id in session.outstanding
+            )
+            self._wake.set()
+        elif isinstance(msg, protocol.Results):
+            self._results.put_nowait((session, msg.items))
+            self._wake.set()
+        elif isinstance(msg, protocol.Release):
+            for h in msg.leases:
+                if session.outstanding.pop(h.lease_id, None) is not None:
+                    self._released.append((h.task_id, h.lease_id))
+            self._wake.set()
+        elif isinstance(msg, protocol.Bye):
+            session.draining = True
+            log.info("agent %s leaving: %s", session.node_id, msg.reason)
+            reason = Reason.IDLE if msg.reason == "idle" else Reason.DRAINED
+            await self.store.set_node_state(
+                session.node_id, NodeState.DRAINING, reason, time.time()
+            )
+            if not session.outstanding:
+                await self.store.set_node_state(
+                    session.node_id, NodeState.TERMINATED, reason, time.time()
+                )
+        else:
+            raise protocol.ProtocolError(f"unexpected {type(msg).__name__} after pairing")
+
+    # --- loops ------------------------------------------------------------------------
+
+    async def _engine_loop(self) -> None:
+        """Each turn, one transaction: record what agents reported, then lease new work.
+
+        Results that arrive while a turn commits wait for the next turn, so
+        under load a turn carries many of them: the batch grows with the load.
+        """
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch: list[tuple[AgentSession, list[protocol.ResultItem]]] = []
+            while not self._results.empty():
+                batch.append(self._results.get_nowait())
+            started, self._started = self._started, []
+            released, self._released = self._released, []
+            submissions, self._submissions = self._submissions, []
+            if submissions:
+                self._ready_hint += sum(len(sub.specs) for sub, _ in submissions)
+            requests = self._claim_requests()
+            items = [_task_result(i) for _, its in batch for i in its]
+            if not (items or started or released or requests or submissions):
+                continue
+            try:
+                changes, claimed, errors = await self.store.cycle(
+                    submissions=[sub for sub, _ in submissions],
+                    started=started,
+                    released=released,
+                    results=items,
+                    claims=requests,
+                    now=time.time(),
+                )
+            except StoreError as exc:
+                log.error("store unavailable: %s", exc)
+                self._requeue_turn(batch, started, released, submissions, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for (sub, done), error in zip(submissions, errors, strict=True):
+                if error is None:
+                    done.set_result(None)
+                else:
+                    self._ready_hint -= len(sub.specs)
+                    done.set_exception(error)
+            self._ack(batch, changes)
+            self._apply(changes)
+            for req in requests:
+                got = claimed.get(req.node_id, [])
+                self._ready_hint = max(0, self._ready_hint - len(got))
+                if not got and len(req.constraint_keys) == len(self._known_ckeys):
+                    self._ready_hint = 0  # this agent could take anything: nothing is ready
+                if len(got) == req.limit:
+                    self._wake.set()
+                agent = self.agents.get(req.node_id)
+                if got and agent is not None:
+                    self._assign(agent, got)
+
+    def _requeue_turn(
+        self,
+        batch: list[tuple[AgentSession, list[protocol.ResultItem]]],
+        started: list[tuple[str, str]],
+        released: list[tuple[str, str]],
+        submissions: list[tuple[Submission, asyncio.Future[None]]],
+        exc: StoreError,
+    ) -> None:
+        """A turn whose transaction failed: nothing was written, so try it all again.
+
+        Submitters are told at once (they retry with the same ids); results
+        and hand-backs stay queued for the next turn.
+        """
+        for item in batch:
+            self._results.put_nowait(item)
+        self._started[:0] = started
+        self._released[:0] = released
+        for sub, done in submissions:
+            self._ready_hint -= len(sub.specs)
+            done.set_exception(SubmissionError(f"store unavailable: {exc}", status=503))
+        self._wake.set()
+
+    def _claim_requests(self) -> list[ClaimRequest]:
+        if self.is_stopping or self._ready_hint <= 0:
+            return []
+        return [
+            ClaimRequest(
+                agent.node_id,
+                [k for k in self._known_ckeys if labels_match(k, agent.labels)],
+                agent.free,
+            )
+            for agent in self.agents.values()
+            if agent.free > 0
+        ]
+
+    def _assign(self, agent: AgentSession, claimed: list[Claimed]) -> None:
+        self._dispatched += len(claimed)
+        for c in claimed:
+            agent.outstanding[c.lease_id] = c.task_id
+        self._spawn(
+            agent.send(
+                protocol.Assign(
+                    tasks=[
+                        protocol.Assignment(
+                            task_id=c.task_id,
+                            lease_id=c.lease_id,
+                            attempt=c.attempt,
+                            kind=c.kind,  # type: ignore[arg-type]
+                            payload=c.payload,
+                            command=c.command,
+                            timeout_s=c.timeout_s,
+                            dep_results=c.dep_results,
+                        )
+                        for c in claimed
+                    ]
+                )
+            )
+        )
+
+    def _ack(
+        self, batch: list[tuple[AgentSession, list[protocol.ResultItem]]], changes: Changes
+    ) -> None:
+        accepted, refused = set(changes.accepted), set(changes.refused)
+        for session, its in batch:
+            acc = [i.lease_id for i in its if i.lease_id in accepted]
+            ref = [i.lease_id for i in its if i.lease_id in refused]
+            for lid in acc + ref:
+                session.outstanding.pop(lid, None)
+            self._spawn(session.send(protocol.Ack(accepted=acc, refused=ref)))
+            if ref:
+                log.info("refused %d stale results from %s", len(ref), session.node_id)
+
+    async def _expiry_loop(self) -> None:
+        """Declare silent agents lost and put their leases back in the queue."""
+        period = min(0.5, self.settings.timeouts.lost_after_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            now_m = time.monotonic()
+            lost_after = self.settings.timeouts.lost_after_s
+            for agent in list(self.agents.values()):
+                if now_m - agent.last_heard > lost_after:
+                    log.warning(
+                        "agent %s silent for %.1fs: lost", agent.node_id, now_m - agent.last_heard
+                    )
+                    agent.closed = True
+                    del self.agents[agent.node_id]
+                    with contextlib.suppress(Exception):
+                        await agent.ws.close(4408, "heartbeat lost")
+                    await self.mark_lost(agent.node_id, Reason.LOST_HEARTBEAT)
+            for node_id, deadline in list(self._orphan_deadline.items()):
+                if now_m > deadline and node_id not in self.agents:
+                    del self._orphan_deadline[node_id]
+                    await self.mark_lost(node_id, Reason.LOST_HEARTBEAT)
+
+    async def mark_lost(self, node_id: str, reason: str) -> None:
+        """A node is gone: record it and requeue its leases (attempt charged)."""
+        now = time.time()
+        node = await self.store.set_node_state(node_id, NodeState.LOST, reason, now)
+        changes = await self.store.requeue_node(node_id, reason, now)
+        if node is not None:
+            log.info("node %s lost (%s): %d tasks requeued", node_id, reason, len(changes.requeued))
+        self._apply(changes)
+
+    async def _fleet_loop(self) -> None:
+        """Keep the local agents at the desired count; a dead one is replaced at once."""
+        while True:
+            if not self.is_stopping:
+                for exited in await self.fleet.reconcile():
+                    agent = self.agents.pop(exited, None)
+                    if agent is not None:
+                        agent.closed = True
+                    self._orphan_deadline.pop(exited, None)
+                    await self.mark_lost(exited, "process exited")
+            await asyncio.sleep(self.settings.timeouts.replace_check_s)
+
+
+def _task_result(i: protocol.ResultItem) -> TaskResult:
+    return TaskResult(
+        task_id=i.task_id,
+        lease_id=i.lease_id,
+        state=TaskState(i.state),
+        reason=i.reason,
+        result=i.result,
+        error=i.error,
+        error_pickle=i.error_pickle,
+        output=i.output,
+        started_at=i.started_at,
+        ended_at=i.ended_at,
+    )
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    from starlette.websockets import WebSocketDisconnect
+
+    return isinstance(exc, (WebSocketDisconnect, ConnectionError, RuntimeError))
+
+
+def _log_send_failure(task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not _is_disconnect(exc):
+        log.warning("send failed: %r", exc)

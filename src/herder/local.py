@@ -1,0 +1,139 @@
+"""A whole herd on this machine in one ``with`` block, like Dask's ``LocalCluster``.
+
+``LocalHerd`` runs ``herder up --local N`` as a child process in its own
+herder home, waits until the coordinator is ready (it writes its URL to
+``coordinator.json``), and hands back a connected client. Leaving the
+block drains and stops it. The demo, the benchmarks and the tests use it;
+so can users who want a herd for a notebook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from herder.client import Client
+from herder.errors import HerderError
+
+
+class LocalHerd:
+    """``with LocalHerd(nodes=4) as herd: herd.submit(pow, 2, 10).result()``."""
+
+    def __init__(
+        self,
+        nodes: int = 2,
+        *,
+        slots: int = 1,
+        home: Path | None = None,
+        store: str | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 30.0,
+        log: IO[Any] | int | None = subprocess.DEVNULL,
+    ) -> None:
+        self._tmp = None if home is not None else tempfile.TemporaryDirectory(prefix="herder-")
+        self.home = home if home is not None else Path(self._tmp.name)  # type: ignore[union-attr]
+        self.nodes = nodes
+        self._args = [
+            sys.executable,
+            "-m",
+            "herder",
+            "up",
+            "--local",
+            str(nodes),
+            "--slots",
+            str(slots),
+            "--listen",
+            "127.0.0.1:0",
+            *(["--store", store] if store else []),
+            *(extra_args or []),
+        ]
+        self._env = {**(env if env is not None else os.environ), "HERDER_HOME": str(self.home)}
+        self._env.pop("HERDER_URL", None)
+        self._env.pop("HERDER_TOKEN", None)
+        self._ready_timeout = ready_timeout
+        self._log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client: Client | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.home / "coordinator.json"
+
+    def start(self) -> Client:
+        self.process = subprocess.Popen(
+            self._args, env=self._env, stdout=self._log, stderr=self._log, start_new_session=True
+        )
+        self.url = self.wait_coordinator(self._ready_timeout)
+        self.client = Client(env=self._env)
+        return self.client
+
+    def wait_coordinator(self, timeout: float) -> str:
+        """Wait until the coordinator recorded its URL; returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise HerderError(f"herder up exited with code {self.process.returncode}")
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                state = json.loads(self.state_path.read_text())
+                if self.process is None or state["pid"] == self.process.pid:
+                    return str(state["url"])
+            time.sleep(0.02)
+        raise HerderError(f"the coordinator was not ready within {timeout}s")
+
+    def wait_nodes(self, count: int | None = None, timeout: float = 30.0) -> None:
+        """Wait until ``count`` (default: all) nodes are paired and ready."""
+        assert self.client is not None
+        want = self.nodes if count is None else count
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = [n for n in self.client.nodes() if n["state"] in ("ready", "busy")]
+            if len(ready) >= want:
+                return
+            time.sleep(0.05)
+        raise HerderError(f"{want} nodes were not ready within {timeout}s")
+
+    def env(self) -> dict[str, str]:
+        """The environment that points a client or the CLI at this herd."""
+        return dict(self._env)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the coordinator (an orderly drain) and wait; kill it if it hangs."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """kill -9 the coordinator (and with it nothing else: agents live on)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> Client:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()

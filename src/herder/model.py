@@ -1,0 +1,390 @@
+"""The words of herder as data: tasks, nodes, jobs, events and their states.
+
+The allowed state changes live here as tables, not as ``if`` chains spread
+over the code: the store builds its guarded ``UPDATE ... WHERE state IN (...)``
+statements from them, and tests check every recorded history against them.
+Nothing in this module does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from herder.errors import InvalidTransition
+
+# ---------------------------------------------------------------------------
+# States
+
+
+class TaskState(enum.StrEnum):
+    WAITING = "waiting"
+    READY = "ready"
+    LEASED = "leased"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_TASK_STATES
+
+
+FINAL_TASK_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+
+_T = TaskState
+TASK_TRANSITIONS: frozenset[tuple[TaskState, TaskState]] = frozenset(
+    {
+        (_T.WAITING, _T.READY),
+        (_T.WAITING, _T.FAILED),  # a dependency failed
+        (_T.WAITING, _T.CANCELLED),
+        (_T.READY, _T.LEASED),
+        (_T.READY, _T.CANCELLED),
+        (_T.LEASED, _T.RUNNING),
+        (_T.LEASED, _T.READY),  # lease expired or handed back
+        (_T.LEASED, _T.SUCCEEDED),  # result arrived in the same batch as "started"
+        (_T.LEASED, _T.FAILED),
+        (_T.LEASED, _T.CANCELLED),
+        (_T.RUNNING, _T.READY),  # retry, or lease expired
+        (_T.RUNNING, _T.SUCCEEDED),
+        (_T.RUNNING, _T.FAILED),
+        (_T.RUNNING, _T.CANCELLED),
+    }
+)
+
+
+class NodeState(enum.StrEnum):
+    REQUESTED = "requested"
+    BOOTING = "booting"
+    CONNECTED = "connected"
+    READY = "ready"
+    BUSY = "busy"
+    DRAINING = "draining"
+    TERMINATED = "terminated"
+    LOST = "lost"
+
+    @property
+    def is_alive(self) -> bool:
+        return self not in (NodeState.TERMINATED, NodeState.LOST)
+
+
+_N = NodeState
+NODE_TRANSITIONS: frozenset[tuple[NodeState, NodeState]] = frozenset(
+    {
+        (_N.REQUESTED, _N.BOOTING),
+        (_N.REQUESTED, _N.CONNECTED),
+        (_N.BOOTING, _N.CONNECTED),
+        (_N.CONNECTED, _N.READY),
+        (_N.READY, _N.BUSY),
+        (_N.BUSY, _N.READY),
+        (_N.READY, _N.DRAINING),
+        (_N.BUSY, _N.DRAINING),
+        (_N.CONNECTED, _N.DRAINING),
+        (_N.DRAINING, _N.TERMINATED),
+        (_N.LOST, _N.CONNECTED),  # a lost node that comes back re-pairs
+        (_N.TERMINATED, _N.CONNECTED),  # a restarted agent re-using its node id
+    }
+    | {(s, _N.LOST) for s in NodeState if s not in (_N.LOST, _N.TERMINATED)}
+    | {(s, _N.TERMINATED) for s in NodeState if s is not _N.TERMINATED}
+)
+
+
+def sources(transitions: Iterable[tuple[Any, Any]], target: Any) -> frozenset[Any]:
+    """Every state from which ``target`` may be reached."""
+    return frozenset(src for src, dst in transitions if dst == target)
+
+
+def check_task_transition(task_id: str, old: TaskState, new: TaskState) -> None:
+    if (old, new) not in TASK_TRANSITIONS:
+        raise InvalidTransition(
+            f"task {task_id}: {old} -> {new} is not allowed", task_id=task_id, old=old, new=new
+        )
+
+
+def check_node_transition(node_id: str, old: NodeState, new: NodeState) -> None:
+    if old == new:
+        return
+    if (old, new) not in NODE_TRANSITIONS:
+        raise InvalidTransition(
+            f"node {node_id}: {old} -> {new} is not allowed", node_id=node_id, old=old, new=new
+        )
+
+
+class Reason(enum.StrEnum):
+    """Why a task or node ended up where it is (stored as text)."""
+
+    LOST = "lost"
+    DEPENDENCY_FAILED = "dependency failed"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    EXIT_CODE = "exit code"
+    CANCELLED = "cancelled"
+    WORKER_DIED = "worker died"
+    # node reasons
+    LOST_HEARTBEAT = "lost heartbeat"
+    DRAINED = "drained"
+    USER = "user"
+    IDLE = "idle"
+    SHUTDOWN = "shutdown"
+    REPLACED = "replaced"
+
+
+# ---------------------------------------------------------------------------
+# Identifiers
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def new_id(prefix: str) -> str:
+    """A random id such as ``t-3f9a0c...``; made by whoever creates the object.
+
+    Clients make their own task ids so that a retried submission carries the
+    same ids and is stored once (the id is the idempotency key).
+    """
+    return f"{prefix}-{secrets.token_hex(10)}"
+
+
+def valid_id(value: str, field: str) -> str:
+    if not _ID_RE.match(value):
+        raise ValueError(
+            f"{field} {value!r} must be 1-128 characters of letters, digits, '.', '_', ':' or '-'"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Task specifications (what a client submits)
+
+Labels = dict[str, str]
+
+
+class CommandSpec(BaseModel):
+    """A command task's ``run`` phase: argv without a shell, or a string for ``sh -c``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: list[str] | str
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+
+    @field_validator("run")
+    @classmethod
+    def _run_not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("run must not be empty")
+        elif not value or not all(value) or not value[0].strip():
+            raise ValueError("run must be a non-empty list of non-empty strings")
+        return value
+
+    def argv(self) -> list[str]:
+        return ["sh", "-c", self.run] if isinstance(self.run, str) else list(self.run)
+
+
+class TaskSpec(BaseModel):
+    """One task as submitted. ``payload`` is opaque to the coordinator (never unpickled there)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(min_length=1, max_length=128)]
+    kind: Literal["call", "command"]
+    name: str | None = Field(default=None, max_length=256)
+    payload: bytes | None = None
+    command: CommandSpec | None = None
+    depends_on: list[str] = Field(default_factory=list)
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)
+    labels: Labels = Field(default_factory=dict)
+    run_on_failure: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str) -> str:
+        return valid_id(value, "id")
+
+    @model_validator(mode="after")
+    def _kind_matches_body(self) -> TaskSpec:
+        if self.kind == "call" and (self.payload is None or self.command is not None):
+            raise ValueError("a call task needs a payload and no command")
+        if self.kind == "command" and (self.command is None or self.payload is not None):
+            raise ValueError("a command task needs a command and no payload")
+        if self.id in self.depends_on:
+            raise ValueError(f"task {self.id} depends on itself")
+        if len(set(self.depends_on)) != len(self.depends_on):
+            raise ValueError("depends_on lists a task twice")
+        return self
+
+    def constraint_key(self) -> str:
+        """A canonical text for the task's placement constraints ('' for none).
+
+        The store indexes ready tasks by this key, so a node claims the
+        unconstrained tasks through one index range and matches the few
+        distinct keys against its labels in Python.
+        """
+        return constraint_key(self.labels)
+
+
+def constraint_key(labels: Labels) -> str:
+    return ",".join(f"{k}={labels[k]}" for k in sorted(labels))
+
+
+def labels_match(required: str, node_labels: Labels) -> bool:
+    """Whether a node with ``node_labels`` satisfies a task's constraint key."""
+    if not required:
+        return True
+    for pair in required.split(","):
+        key, _, value = pair.partition("=")
+        if node_labels.get(key) != value:
+            return False
+    return True
+
+
+class TaskRef:
+    """Stands in a pickled argument for the result of another task.
+
+    The client puts one where a user passed a future; the node swaps in the
+    dependency's result before the call. It lives here, an importable module,
+    so cloudpickle pickles it by reference.
+    """
+
+    __slots__ = ("task_id",)
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+
+    def __repr__(self) -> str:
+        return f"TaskRef({self.task_id!r})"
+
+    def __reduce__(self) -> tuple[type[TaskRef], tuple[str]]:
+        return (TaskRef, (self.task_id,))
+
+
+# ---------------------------------------------------------------------------
+# Records (what the store returns)
+
+
+class TaskRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    job_id: str
+    name: str | None
+    kind: str
+    state: TaskState
+    priority: int
+    attempt: int
+    max_attempts: int
+    timeout_s: float | None
+    labels: Labels
+    depends_on: list[str]
+    node_id: str | None
+    lease_id: str | None
+    reason: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    command: CommandSpec | None = None
+    error: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+
+
+class AttemptRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    attempt: int
+    lease_id: str
+    node_id: str
+    leased_at: float
+    started_at: float | None
+    ended_at: float | None
+    outcome: str | None
+    reason: str | None
+
+
+class NodeRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    state: NodeState
+    provider: str
+    labels: Labels
+    slots: int
+    host: str | None
+    pid: int | None
+    created_at: float
+    last_seen: float | None
+    reason: str | None
+
+
+class EventRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    at: float
+    action: str
+    task_id: str | None = None
+    node_id: str | None = None
+    lease_id: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str | None
+    created_at: float
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def finished(self) -> bool:
+        return all(TaskState(s).is_final for s, n in self.counts.items() if n)
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(TaskState.FAILED, 0) + self.counts.get(TaskState.CANCELLED, 0)
+
+
+def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
+    """A dependency cycle among ``edges`` (node -> the nodes it depends on), or None.
+
+    Iterative, so 100,000-task files with long chains do not hit the recursion
+    limit; edges to names outside ``edges`` are ignored (checked elsewhere).
+    The cycle is returned in order, first element repeated at the end.
+    """
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(edges, white)
+    for root in edges:
+        if colour[root] != white:
+            continue
+        path: list[str] = [root]
+        iters = [iter(edges[root])]
+        colour[root] = grey
+        while iters:
+            nxt = next(iters[-1], None)
+            if nxt is None:
+                colour[path.pop()] = black
+                iters.pop()
+                continue
+            state = colour.get(nxt)
+            if state is None or state == black:
+                continue
+            if state == grey:
+                return [*path[path.index(nxt) :], nxt]
+            colour[nxt] = grey
+            path.append(nxt)
+            iters.append(iter(edges[nxt]))
+    return None

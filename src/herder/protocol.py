@@ -1,0 +1,244 @@
+"""The messages between agents, clients and the coordinator, version ``v1``.
+
+A WebSocket frame is a msgpack array of messages, so one frame may carry many
+(results of a batch, assignments for a batch). Each message is a map with a
+type tag ``t``; pydantic checks every field on the way in and an invalid
+frame raises :class:`ProtocolError` naming the field. Pickled bytes
+(functions, arguments, results) travel as opaque ``bytes`` fields: the
+coordinator never unpickles them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from herder.model import CommandSpec, TaskSpec
+
+VERSION = 1
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow protocol v1."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- agent -> coordinator ---------------------------------------------------
+
+
+class HeldLease(_Msg):
+    task_id: str
+    lease_id: str
+
+
+class Hello(_Msg):
+    t: Literal["hello"] = "hello"
+    v: int = VERSION
+    node_id: str = Field(min_length=1, max_length=128)
+    name: str = Field(max_length=256)
+    slots: int = Field(ge=1, le=4096)
+    prefetch: int = Field(ge=0, le=100_000)
+    labels: dict[str, str] = Field(default_factory=dict)
+    host: str = ""
+    pid: int = 0
+    provider: str = "joined"
+    nonce: bytes = Field(min_length=16, max_length=64)
+    held: list[HeldLease] = Field(default_factory=list)
+
+
+class Proof(_Msg):
+    t: Literal["proof"] = "proof"
+    mac: bytes
+
+
+class Heartbeat(_Msg):
+    t: Literal["hb"] = "hb"
+    leases: list[str] = Field(default_factory=list)
+
+
+class Started(_Msg):
+    t: Literal["started"] = "started"
+    leases: list[HeldLease]
+    at: float
+
+
+class ResultItem(_Msg):
+    task_id: str
+    lease_id: str
+    state: Literal["succeeded", "failed", "cancelled"]
+    reason: str | None = None
+    result: bytes | None = None
+    error: dict[str, Any] | None = None
+    error_pickle: bytes | None = None
+    output: dict[str, Any] | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class Results(_Msg):
+    t: Literal["results"] = "results"
+    items: list[ResultItem]
+
+
+class Release(_Msg):
+    """Leases handed back unstarted (a draining agent), so others can take them at once."""
+
+    t: Literal["release"] = "release"
+    leases: list[HeldLease]
+
+
+class Bye(_Msg):
+    t: Literal["bye"] = "bye"
+    reason: str
+
+
+# --- coordinator -> agent ---------------------------------------------------
+
+
+class Challenge(_Msg):
+    t: Literal["challenge"] = "challenge"
+    nonce: bytes
+    mac: bytes
+
+
+class Welcome(_Msg):
+    t: Literal["welcome"] = "welcome"
+    node_id: str
+    heartbeat_s: float
+    lost_after_s: float
+    adopted: list[str] = Field(default_factory=list)
+
+
+class Refuse(_Msg):
+    t: Literal["refuse"] = "refuse"
+    reason: str
+
+
+class Assignment(_Msg):
+    task_id: str
+    lease_id: str
+    attempt: int
+    kind: Literal["call", "command"]
+    payload: bytes | None = None
+    command: CommandSpec | None = None
+    timeout_s: float | None = None
+    dep_results: dict[str, bytes] = Field(default_factory=dict)
+
+
+class Assign(_Msg):
+    t: Literal["assign"] = "assign"
+    tasks: list[Assignment]
+
+
+class Ack(_Msg):
+    t: Literal["ack"] = "ack"
+    accepted: list[str] = Field(default_factory=list)
+    refused: list[str] = Field(default_factory=list)
+
+
+class Cancel(_Msg):
+    t: Literal["cancel"] = "cancel"
+    leases: list[str]
+
+
+class Drain(_Msg):
+    t: Literal["drain"] = "drain"
+
+
+# --- client <-> coordinator (session channel) -------------------------------
+
+
+class Submit(_Msg):
+    t: Literal["submit"] = "submit"
+    req: int
+    job_id: str
+    job_name: str | None = None
+    tasks: list[TaskSpec]
+
+
+class Watch(_Msg):
+    t: Literal["watch"] = "watch"
+    task_ids: list[str]
+
+
+class Submitted(_Msg):
+    t: Literal["submitted"] = "submitted"
+    req: int
+    error: str | None = None
+
+
+class Outcome(_Msg):
+    task_id: str
+    state: Literal["succeeded", "failed", "cancelled"]
+    reason: str | None = None
+    result: bytes | None = None
+    error: dict[str, Any] | None = None
+    error_pickle: bytes | None = None
+    output: dict[str, Any] | None = None
+
+
+class Done(_Msg):
+    t: Literal["done"] = "done"
+    items: list[Outcome]
+
+
+AgentMessage = Annotated[
+    Hello | Proof | Heartbeat | Started | Results | Release | Bye, Field(discriminator="t")
+]
+CoordinatorMessage = Annotated[
+    Challenge | Welcome | Refuse | Assign | Ack | Cancel | Drain, Field(discriminator="t")
+]
+ClientMessage = Annotated[Submit | Watch, Field(discriminator="t")]
+ServerMessage = Annotated[Submitted | Done | Refuse, Field(discriminator="t")]
+
+_agent_frame: TypeAdapter[list[AgentMessage]] = TypeAdapter(list[AgentMessage])
+_coordinator_frame: TypeAdapter[list[CoordinatorMessage]] = TypeAdapter(list[CoordinatorMessage])
+_client_frame: TypeAdapter[list[ClientMessage]] = TypeAdapter(list[ClientMessage])
+_server_frame: TypeAdapter[list[ServerMessage]] = TypeAdapter(list[ServerMessage])
+
+
+def encode(*messages: _Msg) -> bytes:
+    """One frame carrying ``messages`` in order."""
+    frame: bytes = msgpack.packb([m.model_dump(mode="python") for m in messages], use_bin_type=True)
+    return frame
+
+
+def _decode(adapter: TypeAdapter[Any], frame: bytes | str) -> Any:
+    if isinstance(frame, str):
+        raise ProtocolError("frames are binary msgpack, not text")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ProtocolError(f"not a msgpack frame: {exc}") from exc
+    if not isinstance(raw, list):
+        raise ProtocolError("a frame must be an array of messages")
+    try:
+        return adapter.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(f"invalid message at {where}: {first['msg']}") from exc
+
+
+def decode_agent(frame: bytes | str) -> list[AgentMessage]:
+    return list(_decode(_agent_frame, frame))
+
+
+def decode_coordinator(frame: bytes | str) -> list[CoordinatorMessage]:
+    return list(_decode(_coordinator_frame, frame))
+
+
+def decode_client(frame: bytes | str) -> list[ClientMessage]:
+    return list(_decode(_client_frame, frame))
+
+
+def decode_server(frame: bytes | str) -> list[ServerMessage]:
+    return list(_decode(_server_frame, frame))

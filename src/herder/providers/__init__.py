@@ -1,0 +1,1 @@
+"""How nodes are created and destroyed: one class per backend behind ``base.Provider``."""

@@ -1,0 +1,694 @@
+"""Secrets, join tokens, the mutual pairing handshake and TLS for one herder cluster.
+
+Everything that decides who may talk to whom lives here, apart from any I/O
+loop, so that it can be read and tested on its own:
+
+* **The secret.** One 32-byte random value per cluster, in a file only its
+  owner can read. Whoever knows it may run code on the herd, so it is created
+  with mode 0600 and refused when the file is readable by anyone else.
+* **The join token** (``hd1.<secret>.<ca fingerprint>[@https://host:port]``)
+  carries the secret and the fingerprint of the cluster's CA: an agent given
+  only the token can find the coordinator, verify it, and prove itself.
+* **The pairing handshake.** Coordinator and agent each send a nonce and each
+  answer with an HMAC over both nonces; the two roles use different labels so
+  that a proof can never be reflected back at the side that asked for it.
+* **TLS.** The coordinator makes its own CA and a leaf certificate. Clients
+  trust only that CA, fetched once over an unverified channel and accepted
+  only if its SHA-256 fingerprint is the one the token names.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import os
+import re
+import secrets
+import socket
+import ssl
+import stat
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from herder.errors import PinningError, SecurityError
+
+__all__ = [
+    "NONCE_BYTES",
+    "SECRET_BYTES",
+    "JoinToken",
+    "TlsFiles",
+    "agent_proof",
+    "bearer_matches",
+    "ca_fingerprint",
+    "client_ssl_context",
+    "coordinator_proof",
+    "ensure_tls",
+    "fetch_pinned_ca",
+    "fingerprint_hex",
+    "load_or_create_secret",
+    "load_secret",
+    "new_nonce",
+    "proofs_equal",
+]
+
+SECRET_BYTES = 32
+"""Length of the cluster secret: 256 bits, the HMAC-SHA256 key size."""
+
+NONCE_BYTES = 32
+"""Length of a handshake nonce; fixed so that nonce concatenations are unambiguous."""
+
+FINGERPRINT_BYTES = 32
+"""Length of a CA fingerprint (SHA-256 of the certificate's DER)."""
+
+TOKEN_VERSION = "hd1"
+"""Prefix of join tokens; a new token format gets a new prefix, never a silent change."""
+
+_COORDINATOR_LABEL = b"herder-v1-coordinator\0"
+_AGENT_LABEL = b"herder-v1-agent\0"
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_VERSION_LIKE = re.compile(r"hd[0-9]{1,4}")
+_TOKEN_SHAPE = "hd1.<secret>.<fingerprint>[@https://host:port]"
+
+_CA_DAYS = 3650
+_LEAF_DAYS = 730
+_LEAF_RENEW_BEFORE = datetime.timedelta(days=30)
+_CLOCK_SKEW = datetime.timedelta(minutes=5)
+_MAX_CA_BODY = 64 * 1024
+
+
+# --------------------------------------------------------------------------- secret
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Return the cluster secret stored at ``path``, creating it on first use.
+
+    The file holds the secret as hex text. It is first written in full to a
+    private temporary file (``O_CREAT | O_EXCL``, mode 0600) and then
+    hard-linked into place, so the secret file never exists half-written and
+    two processes starting together agree: the link fails for the loser, which
+    then reads the winner's secret.
+    """
+    path = Path(path)
+    if path.exists():
+        return load_secret(path)
+    _make_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(secrets.token_bytes(SECRET_BYTES).hex() + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        # Someone else won the race: their secret is the cluster's secret.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return load_secret(path)
+
+
+def load_secret(path: Path) -> bytes:
+    """Read the cluster secret from ``path`` without ever creating it.
+
+    Used by clients and agents, which must not invent a secret of their own.
+    The file is refused if its mode lets group or others in, because a secret
+    that others could have read is no longer a secret.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError as exc:
+        raise SecurityError(f"secret file {path} does not exist", path=path) from exc
+    except UnicodeDecodeError as exc:
+        raise SecurityError(
+            f"secret file {path} is malformed: expected {SECRET_BYTES * 2} hex characters",
+            path=path,
+        ) from exc
+    _check_private_mode(path, mode)
+    try:
+        secret = bytes.fromhex(text.strip())
+    except ValueError as exc:
+        raise SecurityError(
+            f"secret file {path} is malformed: expected {SECRET_BYTES * 2} hex characters",
+            path=path,
+        ) from exc
+    if len(secret) != SECRET_BYTES:
+        raise SecurityError(
+            f"secret file {path} is malformed: expected {SECRET_BYTES * 2} hex characters, "
+            f"found {len(secret) * 2}",
+            path=path,
+        )
+    return secret
+
+
+# --------------------------------------------------------------------------- join token
+
+
+@dataclass(frozen=True, repr=False)
+class JoinToken:
+    """What an agent or client needs to join a cluster: secret, CA fingerprint, address.
+
+    The secret never appears in ``repr``/``str`` or in parse errors, since
+    those end up in logs and tracebacks; only :meth:`encode` reveals it.
+    """
+
+    secret: bytes
+    fingerprint: bytes
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse tokens that could never authenticate, at construction rather than at use."""
+        if len(self.secret) != SECRET_BYTES:
+            raise SecurityError(
+                f"join token secret is {len(self.secret)} bytes, expected {SECRET_BYTES}"
+            )
+        if len(self.fingerprint) != FINGERPRINT_BYTES:
+            raise SecurityError(
+                f"join token fingerprint is {len(self.fingerprint)} bytes, "
+                f"expected {FINGERPRINT_BYTES}"
+            )
+        if self.url is not None:
+            _check_url(self.url)
+
+    def encode(self) -> str:
+        """Return the text form, ``hd1.<secret>.<fingerprint>`` plus ``@<url>`` if known."""
+        text = f"{TOKEN_VERSION}.{_b64encode(self.secret)}.{_b64encode(self.fingerprint)}"
+        return f"{text}@{self.url}" if self.url is not None else text
+
+    @classmethod
+    def parse(cls, text: str) -> JoinToken:
+        """Parse the text form; raise SecurityError with a one-line reason if it is not one.
+
+        Messages name what is wrong but never echo the token's parts, since a
+        mistyped token still holds a secret.
+        """
+        body, at, url = text.strip().partition("@")
+        parts = body.split(".")
+        if parts[0] != TOKEN_VERSION:
+            if _VERSION_LIKE.fullmatch(parts[0]):
+                raise SecurityError(
+                    f"join token version {parts[0]!r} is not supported "
+                    f"(this herder reads {TOKEN_VERSION!r})"
+                )
+            raise SecurityError(f"not a herder join token: expected {_TOKEN_SHAPE}")
+        if len(parts) != 3:
+            raise SecurityError(
+                f"join token has {len(parts)} dot-separated parts, expected 3 ({_TOKEN_SHAPE})"
+            )
+        secret = _b64decode(parts[1], "secret")
+        fingerprint = _b64decode(parts[2], "fingerprint")
+        return cls(secret=secret, fingerprint=fingerprint, url=url if at else None)
+
+    def without_url(self) -> JoinToken:
+        """Return the same token with no address, for clusters found by discovery instead."""
+        return JoinToken(secret=self.secret, fingerprint=self.fingerprint)
+
+    def __eq__(self, other: object) -> bool:
+        """Compare in constant time, so equality checks cannot leak the secret by timing."""
+        if not isinstance(other, JoinToken):
+            return NotImplemented
+        same_secret = hmac.compare_digest(self.secret, other.secret)
+        return same_secret and self.fingerprint == other.fingerprint and self.url == other.url
+
+    def __hash__(self) -> int:
+        """Hash by the public parts only; equal tokens still hash equal."""
+        return hash((self.fingerprint, self.url))
+
+    def __repr__(self) -> str:
+        """Show what identifies the cluster, never the secret."""
+        return f"JoinToken(fingerprint={fingerprint_hex(self.fingerprint)!r}, url={self.url!r})"
+
+    def __str__(self) -> str:
+        """Describe the token for humans, never showing the secret."""
+        where = f" at {self.url}" if self.url is not None else ""
+        return f"join token for CA {fingerprint_hex(self.fingerprint)}{where}"
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str, part: str) -> bytes:
+    """Decode unpadded base64url strictly: one text per value, nothing silently skipped."""
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise SecurityError(f"join token {part} is not valid base64url")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise SecurityError(f"join token {part} is not valid base64url") from exc
+    if _b64encode(data) != text:
+        raise SecurityError(f"join token {part} is not valid base64url")
+    expected = SECRET_BYTES if part == "secret" else FINGERPRINT_BYTES
+    if len(data) != expected:
+        raise SecurityError(f"join token {part} is {len(data)} bytes, expected {expected}")
+    return data
+
+
+def _check_url(url: str) -> None:
+    if not url:
+        raise SecurityError("join token has an empty address after '@'")
+    if not url.startswith("https://") or len(url) == len("https://"):
+        raise SecurityError(f"join token address {url!r} must start with https://")
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+def new_nonce() -> bytes:
+    """Return a fresh random nonce; each side sends one so that no proof can be replayed."""
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def coordinator_proof(secret: bytes, agent_nonce: bytes, coordinator_nonce: bytes) -> bytes:
+    """The coordinator's answer to the agent's nonce: proof that it knows the secret.
+
+    The role label makes this differ from :func:`agent_proof` over the same
+    nonces, so an attacker cannot bounce an agent's challenge back to it.
+    """
+    _check_nonces(agent_nonce, coordinator_nonce)
+    return _hmac(secret, _COORDINATOR_LABEL + agent_nonce + coordinator_nonce)
+
+
+def agent_proof(secret: bytes, coordinator_nonce: bytes, agent_nonce: bytes) -> bytes:
+    """The agent's answer to the coordinator's nonce: proof that it knows the secret."""
+    _check_nonces(coordinator_nonce, agent_nonce)
+    return _hmac(secret, _AGENT_LABEL + coordinator_nonce + agent_nonce)
+
+
+def proofs_equal(a: bytes, b: bytes) -> bool:
+    """Compare two proofs in constant time, so a forger learns nothing from timing."""
+    return hmac.compare_digest(a, b)
+
+
+def bearer_matches(presented: str, secret: bytes) -> bool:
+    """Tell whether a presented bearer token (a join token's text) carries ``secret``.
+
+    Returns False rather than raising on anything malformed, because the
+    input comes straight from an unauthenticated request header.
+    """
+    if not isinstance(presented, str):
+        return False
+    try:
+        token = JoinToken.parse(presented)
+    except SecurityError:
+        return False
+    return hmac.compare_digest(token.secret, secret)
+
+
+def _check_nonces(first: bytes, second: bytes) -> None:
+    """Fixed-length nonces keep ``first + second`` unambiguous."""
+    if len(first) != NONCE_BYTES or len(second) != NONCE_BYTES:
+        raise SecurityError(f"handshake nonces must be {NONCE_BYTES} bytes")
+
+
+def _hmac(secret: bytes, message: bytes) -> bytes:
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where a node's TLS material lives: the cluster CA and this node's leaf."""
+
+    ca_cert: Path
+    ca_key: Path
+    cert: Path
+    key: Path
+
+    def fingerprint(self) -> bytes:
+        """The CA fingerprint that join tokens carry."""
+        return ca_fingerprint(self.ca_cert.read_bytes())
+
+
+def ensure_tls(directory: Path, hosts: Sequence[str] = ()) -> TlsFiles:
+    """Make sure ``directory`` holds a CA and a leaf certificate valid for ``hosts``.
+
+    The CA is created once and never replaced while ``ca.pem`` exists: every
+    join token handed out names its fingerprint. The leaf is cheap and is
+    re-issued whenever it does not fit (missing host, other CA, wrong key,
+    close to expiry). A lock file serialises processes starting together, and
+    every file is replaced atomically, so a crash never leaves a torn file.
+    """
+    directory = Path(directory)
+    _make_private_dir(directory)
+    files = TlsFiles(
+        ca_cert=directory / "ca.pem",
+        ca_key=directory / "ca.key",
+        cert=directory / "cert.pem",
+        key=directory / "key.pem",
+    )
+    names = _leaf_names(hosts)
+    with _locked(directory / ".tls.lock"):
+        ca_cert, ca_key = _ensure_ca(files)
+        if not _leaf_fits(files, ca_cert, names):
+            _write_leaf(files, ca_cert, ca_key, names)
+    return files
+
+
+def ca_fingerprint(ca_pem: bytes) -> bytes:
+    """SHA-256 of the DER of the first certificate in ``ca_pem``."""
+    return _first_certificate(ca_pem).fingerprint(hashes.SHA256())
+
+
+def fingerprint_hex(fp: bytes) -> str:
+    """Short human form of a fingerprint (16 hex characters), for messages and logs."""
+    return fp.hex()[:16]
+
+
+def client_ssl_context(ca_pem: bytes) -> ssl.SSLContext:
+    """A TLS client context that trusts the cluster CA and nothing else.
+
+    Host names are not checked: the CA is private to one cluster, created by
+    its coordinator and pinned by fingerprint through the join token, so any
+    certificate it signed is the coordinator (or one of its agents), whatever
+    address it was reached at. Only the first certificate of ``ca_pem`` is
+    trusted, the one :func:`ca_fingerprint` covers.
+    """
+    ca = _first_certificate(ca_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    context.load_verify_locations(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    return context
+
+
+def fetch_pinned_ca(url: str, fingerprint: bytes, timeout: float = 10.0) -> bytes:
+    """Fetch the coordinator's CA from ``<url>/v1/ca`` and accept it only if pinned.
+
+    This is the bootstrap step, so the channel is not verified: there is no
+    trusted CA yet. That is safe because the answer is checked against the
+    fingerprint from the join token, and the CA certificate is public anyway;
+    an impostor may relay it but cannot present a leaf signed by it afterwards.
+    Network failures (``OSError``, including TLS errors) propagate so that the
+    caller can retry with backoff; HTTP-level failures raise SecurityError.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise SecurityError(f"coordinator address {url!r} must be https://host[:port]", url=url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise SecurityError(f"coordinator address {url!r} has a bad port", url=url) from exc
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    connection = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=context)
+    try:
+        connection.request("GET", parts.path.rstrip("/") + "/v1/ca")
+        response = connection.getresponse()
+        body = response.read(_MAX_CA_BODY + 1)
+        status = response.status
+    except http.client.HTTPException as exc:
+        raise SecurityError(
+            f"coordinator at {url} sent a bad HTTP response to /v1/ca: {exc!r}", url=url
+        ) from exc
+    finally:
+        connection.close()
+    if status != 200:
+        raise SecurityError(
+            f"coordinator at {url} answered /v1/ca with HTTP {status}", url=url, status=status
+        )
+    if len(body) > _MAX_CA_BODY:
+        raise SecurityError(f"coordinator at {url} sent an oversized CA", url=url)
+    try:
+        certificates = x509.load_pem_x509_certificates(body)
+    except ValueError as exc:
+        raise SecurityError(
+            f"coordinator at {url} did not send a PEM certificate for /v1/ca", url=url
+        ) from exc
+    presented = certificates[0].fingerprint(hashes.SHA256())
+    if not hmac.compare_digest(presented, fingerprint):
+        raise PinningError(
+            f"coordinator at {url} presented CA fingerprint {fingerprint_hex(presented)}.. "
+            f"but the token names {fingerprint_hex(fingerprint)}..",
+            url=url,
+        )
+    if len(certificates) != 1:
+        raise PinningError(
+            f"coordinator at {url} sent {len(certificates)} certificates for /v1/ca, expected 1",
+            url=url,
+        )
+    return body
+
+
+def _ensure_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Load the CA, or create it if (and only if) ``ca.pem`` does not exist."""
+    if files.ca_cert.exists():
+        ca_cert = _first_certificate(files.ca_cert.read_bytes(), files.ca_cert)
+        if not files.ca_key.exists():
+            raise SecurityError(
+                f"CA key {files.ca_key} is missing but {files.ca_cert} exists; "
+                "refusing to replace a CA that join tokens already name",
+                path=files.ca_key,
+            )
+        ca_key = _load_key(files.ca_key)
+        if _public_der(ca_key) != _public_der(ca_cert.public_key()):
+            raise SecurityError(
+                f"CA key {files.ca_key} does not belong to {files.ca_cert}", path=files.ca_key
+            )
+        return ca_cert, ca_key
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"herder CA {secrets.token_hex(4)}"),
+        ]
+    )
+    now = _now()
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=_CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    # Key first: a crash in between leaves no ca.pem, so the next start simply retries.
+    _write_atomic(files.ca_key, _private_pem(ca_key), 0o600)
+    _write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return ca_cert, ca_key
+
+
+def _leaf_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """The SANs a leaf must carry: local names plus each requested host."""
+    wanted = ["localhost", socket.gethostname(), "127.0.0.1", "::1", *hosts]
+    names: list[x509.GeneralName] = []
+    for host in wanted:
+        name = _general_name(host.strip())
+        if name is not None and name not in names:
+            names.append(name)
+    return names
+
+
+def _general_name(host: str) -> x509.GeneralName | None:
+    if not host:
+        return None
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    try:
+        return x509.DNSName(host.lower().encode("idna").decode("ascii"))
+    except UnicodeError as exc:
+        raise SecurityError(f"host {host!r} is not a valid DNS name", host=host) from exc
+
+
+def _leaf_fits(files: TlsFiles, ca_cert: x509.Certificate, names: list[x509.GeneralName]) -> bool:
+    """Whether the existing leaf can be kept: same CA, own key, all names, not near expiry."""
+    if not (files.cert.exists() and files.key.exists()):
+        return False
+    try:
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        key = _load_key(files.key)
+        cert.verify_directly_issued_by(ca_cert)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    if _public_der(key) != _public_der(cert.public_key()):
+        return False
+    if cert.not_valid_after_utc - _now() < _LEAF_RENEW_BEFORE:
+        return False
+    present = set(sans)
+    return all(name in present for name in names)
+
+
+def _write_leaf(
+    files: TlsFiles,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    names: list[x509.GeneralName],
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, "herder node"),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=_LEAF_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    # Key first: a crash in between leaves a key that does not match cert.pem,
+    # which _leaf_fits notices, so the next start issues a fresh pair.
+    _write_atomic(files.key, _private_pem(key), 0o600)
+    _write_atomic(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _first_certificate(pem: bytes, path: Path | None = None) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificates(pem)[0]
+    except ValueError as exc:
+        where = f" in {path}" if path is not None else ""
+        raise SecurityError(f"no PEM certificate found{where}", path=path) from exc
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    _check_private_mode(path, path.stat().st_mode)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise SecurityError(f"key file {path} is not a PEM private key", path=path) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SecurityError(f"key file {path} is not an EC private key", path=path)
+    return key
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _public_der(key: ec.EllipticCurvePrivateKey | CertificatePublicKeyTypes) -> bytes:
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _make_private_dir(directory: Path) -> None:
+    """Create ``directory`` (0700) if needed; an existing directory is left as it is."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _check_private_mode(path: Path, mode: int) -> None:
+    if stat.S_IMODE(mode) & 0o077:
+        raise SecurityError(
+            f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {path}",
+            path=path,
+        )
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write a private temporary file, then rename it over ``path``: never a torn file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``, serialising first starts across processes."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -1,0 +1,248 @@
+"""The Store interface: the only persistent state of herder.
+
+Every operation that changes state is one transaction, and takes a batch:
+one commit for many submissions, claims or results. A method returns only
+after its transaction is committed, so whatever the caller acknowledges is
+durable. Values crossing this interface are plain dataclasses of
+:mod:`herder.model` words; pickled payloads are opaque ``bytes``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from herder.errors import SubmissionError
+from herder.model import (
+    AttemptRecord,
+    CommandSpec,
+    EventRecord,
+    JobSummary,
+    NodeRecord,
+    NodeState,
+    TaskRecord,
+    TaskSpec,
+    TaskState,
+)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A task leased to a node, with what it needs to run."""
+
+    task_id: str
+    lease_id: str
+    attempt: int
+    kind: str
+    payload: bytes | None
+    command: CommandSpec | None
+    timeout_s: float | None
+    dep_results: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One batch of tasks for one job, stored all or nothing."""
+
+    job_id: str
+    job_name: str | None
+    specs: list[TaskSpec]
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """Lease up to ``limit`` ready tasks whose constraint key is in ``constraint_keys``."""
+
+    node_id: str
+    constraint_keys: list[str]
+    limit: int
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What an agent reports for one lease."""
+
+    task_id: str
+    lease_id: str
+    state: TaskState  # succeeded, failed or cancelled as seen by the agent
+    reason: str | None = None
+    result: bytes | None = None
+    error: dict[str, Any] | None = None
+    error_pickle: bytes | None = None
+    output: dict[str, Any] | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Final:
+    """A task that reached a final state in a transaction (to tell its watchers)."""
+
+    task_id: str
+    state: TaskState
+    reason: str | None = None
+    result: bytes | None = None
+    error: dict[str, Any] | None = None
+    error_pickle: bytes | None = None
+    output: dict[str, Any] | None = None
+
+
+@dataclass
+class Changes:
+    """What one transaction did, for the service to act on after commit."""
+
+    finals: list[Final] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)  # lease ids
+    refused: list[str] = field(default_factory=list)  # lease ids
+    requeued: list[str] = field(default_factory=list)  # task ids back to ready
+    newly_ready: int = 0
+    cancel_leases: list[tuple[str, str]] = field(default_factory=list)  # (node_id, lease_id)
+
+
+class Store(abc.ABC):
+    """The durable queue, nodes and events. Implementations: :mod:`herder.store.sql`."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # --- tasks ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def submit(
+        self, job_id: str, job_name: str | None, specs: list[TaskSpec], now: float
+    ) -> Changes:
+        """Store a batch atomically, or raise SubmissionError and store nothing.
+
+        A batch whose ids are all stored already is a retry and changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def claim(
+        self, node_id: str, constraint_keys: list[str], limit: int, now: float
+    ) -> list[Claimed]:
+        """Lease up to ``limit`` ready tasks, highest priority first, oldest first."""
+
+    @abc.abstractmethod
+    async def cycle(
+        self,
+        *,
+        submissions: Sequence[Submission] = (),
+        started: Sequence[tuple[str, str]] = (),
+        released: Sequence[tuple[str, str]] = (),
+        results: Sequence[TaskResult] = (),
+        claims: Sequence[ClaimRequest] = (),
+        now: float,
+    ) -> tuple[Changes, dict[str, list[Claimed]], list[SubmissionError | None]]:
+        """Submissions, started, released and finished leases, then claims: one transaction.
+
+        Returns what changed, the claims per node, and per submission its error or None.
+        """
+
+    @abc.abstractmethod
+    async def ready_constraint_keys(self) -> list[str]:
+        """The distinct placement constraints among ready tasks ('' included if any)."""
+
+    @abc.abstractmethod
+    async def mark_running(self, leases: list[tuple[str, str]], now: float) -> None:
+        """``(task_id, lease_id)`` pairs whose tasks have started; stale ones are ignored."""
+
+    @abc.abstractmethod
+    async def complete(self, results: list[TaskResult], now: float) -> Changes:
+        """Record results; a result whose lease is not current is refused, not recorded."""
+
+    @abc.abstractmethod
+    async def requeue_node(
+        self, node_id: str, reason: str, now: float, keep: Collection[str] = ()
+    ) -> Changes:
+        """Return the node's leases (but ``keep``) to the queue, or fail them when spent.
+
+        The attempt stays charged: a task that keeps killing its nodes runs out.
+        """
+
+    @abc.abstractmethod
+    async def release_leases(self, leases: list[tuple[str, str]], now: float) -> Changes:
+        """Hand back leases of tasks that never started, without charging an attempt."""
+
+    @abc.abstractmethod
+    async def adopt(self, node_id: str, leases: list[tuple[str, str]]) -> list[str]:
+        """After a reconnect: keep the node's leases that are still current; returns them."""
+
+    @abc.abstractmethod
+    async def leases_of(self, node_id: str) -> list[tuple[str, str]]:
+        """``(task_id, lease_id)`` of the node's leased and running tasks."""
+
+    @abc.abstractmethod
+    async def cancel(self, task_ids: list[str] | None, job_id: str | None, now: float) -> Changes:
+        """Cancel tasks (and fail their dependents); running ones are listed to be killed."""
+
+    # --- queries -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def task(self, task_id: str) -> TaskRecord | None: ...
+
+    @abc.abstractmethod
+    async def tasks(
+        self,
+        *,
+        state: TaskState | None = None,
+        job_id: str | None = None,
+        node_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[TaskRecord]: ...
+
+    @abc.abstractmethod
+    async def attempts(self, task_id: str) -> list[AttemptRecord]: ...
+
+    @abc.abstractmethod
+    async def finals(self, task_ids: list[str]) -> list[Final]:
+        """The final outcomes among ``task_ids`` (for a client that watches them)."""
+
+    @abc.abstractmethod
+    async def job(self, job_id: str) -> JobSummary | None: ...
+
+    @abc.abstractmethod
+    async def jobs(self, limit: int = 100) -> list[JobSummary]: ...
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def finished_since(self, since: float) -> int:
+        """How many tasks finished at or after ``since`` (for throughput)."""
+
+    # --- nodes and events ----------------------------------------------
+
+    @abc.abstractmethod
+    async def upsert_node(self, node: NodeRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def set_node_state(
+        self, node_id: str, state: NodeState, reason: str | None, now: float
+    ) -> NodeRecord | None:
+        """Move a node, recording an event; an illegal move raises InvalidTransition."""
+
+    @abc.abstractmethod
+    async def nodes(self, *, alive_only: bool = False) -> list[NodeRecord]: ...
+
+    @abc.abstractmethod
+    async def add_event(
+        self,
+        action: str,
+        now: float,
+        *,
+        task_id: str | None = None,
+        node_id: str | None = None,
+        lease_id: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def events(
+        self, *, after: int = 0, task_id: str | None = None, limit: int = 100
+    ) -> list[EventRecord]: ...

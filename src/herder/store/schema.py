@@ -1,0 +1,137 @@
+"""The one schema definition, for SQLite and PostgreSQL alike.
+
+Indexes are chosen for the hot paths: ``ix_tasks_ready`` is a partial index
+holding only ready tasks, so a claim reads the head of one small index
+whatever the size of the table; ``ix_deps_dep`` makes releasing dependents
+cost the finished task's own edges.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("job_id", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(256)),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("timeout_s", sa.Float),
+    sa.Column("ckey", sa.String(1024), nullable=False, default=""),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("payload", sa.LargeBinary),
+    sa.Column("command", sa.JSON),
+    sa.Column("n_deps", sa.Integer, nullable=False, default=0),
+    sa.Column("pending_deps", sa.Integer, nullable=False, default=0),
+    sa.Column("run_on_failure", sa.Boolean, nullable=False, default=False),
+    sa.Column("has_dependents", sa.Boolean, nullable=False, default=False),
+    sa.Column("node_id", sa.String(128)),
+    sa.Column("lease_id", sa.String(64)),
+    sa.Column("leased_at", sa.Float),
+    sa.Column("reason", sa.String(256)),
+    sa.Column("result", sa.LargeBinary),
+    sa.Column("error", sa.JSON),
+    sa.Column("error_pickle", sa.LargeBinary),
+    sa.Column("output", sa.JSON),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+)
+
+_ready = tasks.c.state == "ready"
+_active = tasks.c.state.in_(["leased", "running"])
+sa.Index(
+    "ix_tasks_ready",
+    tasks.c.ckey,
+    tasks.c.priority.desc(),
+    tasks.c.seq,
+    sqlite_where=_ready,
+    postgresql_where=_ready,
+)
+sa.Index("ix_tasks_job_state", tasks.c.job_id, tasks.c.state)
+sa.Index("ix_tasks_state_seq", tasks.c.state, tasks.c.seq)
+sa.Index("ix_tasks_finished", tasks.c.finished_at)
+sa.Index(
+    "ix_tasks_node_active",
+    tasks.c.node_id,
+    sqlite_where=_active,
+    postgresql_where=_active,
+)
+
+deps = sa.Table(
+    "deps",
+    metadata,
+    sa.Column("task_id", sa.String(128), primary_key=True),
+    sa.Column("dep_id", sa.String(128), primary_key=True),
+)
+sa.Index("ix_deps_dep", deps.c.dep_id)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(256)),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("lease_id", sa.String(64), primary_key=True),
+    sa.Column("task_id", sa.String(128), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("node_id", sa.String(128), nullable=False),
+    sa.Column("leased_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("outcome", sa.String(16)),
+    sa.Column("reason", sa.String(256)),
+    sa.Column("error", sa.JSON),
+)
+sa.Index("ix_attempts_task", attempts.c.task_id)
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("provider", sa.String(32), nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("slots", sa.Integer, nullable=False),
+    sa.Column("host", sa.String(256)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float),
+    sa.Column("reason", sa.String(256)),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("task_id", sa.String(128)),
+    sa.Column("node_id", sa.String(128)),
+    sa.Column("lease_id", sa.String(64)),
+    sa.Column("data", sa.JSON, nullable=False),
+)
+sa.Index("ix_events_task", events.c.task_id)
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)

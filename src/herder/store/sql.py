@@ -1,0 +1,1278 @@
+"""The Store on SQLite (default) or PostgreSQL, through SQLAlchemy Core.
+
+One code path serves both dialects; the differences are named where they
+occur: SQLite takes its write lock at ``BEGIN IMMEDIATE`` (one writer at a
+time, serialised here by an asyncio lock too), PostgreSQL claims with
+``FOR UPDATE SKIP LOCKED`` so several coordinators can share the table.
+Every mutating method is one transaction; a driver error becomes
+:class:`~herder.errors.StoreError` and the transaction is rolled back whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from herder.errors import SchemaMismatch, StoreError, SubmissionError
+from herder.model import (
+    FINAL_TASK_STATES,
+    TASK_TRANSITIONS,
+    AttemptRecord,
+    CommandSpec,
+    EventRecord,
+    JobSummary,
+    NodeRecord,
+    NodeState,
+    Reason,
+    TaskRecord,
+    TaskSpec,
+    TaskState,
+    check_node_transition,
+    find_cycle,
+    sources,
+)
+from herder.store import schema
+from herder.store.base import (
+    Changes,
+    Claimed,
+    ClaimRequest,
+    Final,
+    Store,
+    Submission,
+    TaskResult,
+)
+
+T = TypeVar("T")
+_CHUNK = 2000  # bound on parameters in one IN (...) list
+_ACTIVE = [TaskState.LEASED.value, TaskState.RUNNING.value]
+_t = schema.tasks
+_d = schema.deps
+_a = schema.attempts
+_n = schema.nodes
+_e = schema.events
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def async_url(url: str) -> str:
+    """Map a user's store URL to the async driver SQLAlchemy should use."""
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+asyncpg://" + url.split("://", 1)[1]
+    if url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        return url
+    raise StoreError(f"store URL {url!r} is neither sqlite:///PATH nor postgresql://...")
+
+
+class SqlStore(Store):
+    """A :class:`Store` on a SQL database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._async_url = async_url(url)
+        self.is_sqlite = self._async_url.startswith("sqlite")
+        self._sync_url = self._async_url.replace("sqlite+aiosqlite", "sqlite+pysqlite")
+        self._writer: sa.Engine | None = None
+        self._reader: sa.Engine | None = None
+        self._async_engine: AsyncEngine | None = None
+        self._write_thread: ThreadPoolExecutor | None = None
+        self._read_threads: ThreadPoolExecutor | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        if self.is_sqlite:
+            path = self.url.removeprefix("sqlite:///")
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._writer = sa.create_engine(
+                self._sync_url,
+                pool_size=1,
+                max_overflow=0,
+                connect_args={"check_same_thread": False},
+            )
+            self._reader = sa.create_engine(
+                self._sync_url,
+                pool_size=4,
+                max_overflow=4,
+                connect_args={"check_same_thread": False},
+            )
+            _sqlite_pragmas(self._writer, immediate=True)
+            _sqlite_pragmas(self._reader, immediate=False)
+            self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="herder-store-write")
+            self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="herder-store-read")
+        else:
+            self._async_engine = create_async_engine(self._async_url, pool_size=8, max_overflow=8)
+        await self._write(self._migrate)
+
+    def _migrate(self, conn: Connection) -> None:
+        schema.metadata.create_all(conn)
+        row = conn.execute(
+            sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema")
+        ).first()
+        if row is None:
+            conn.execute(
+                schema.meta.insert().values(key="schema", value=str(schema.SCHEMA_VERSION))
+            )
+        elif int(row[0]) != schema.SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"store {self.url} has schema {row[0]}, this herder understands "
+                f"{schema.SCHEMA_VERSION}"
+            )
+
+    async def close(self) -> None:
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
+        for engine in (self._writer, self._reader):
+            if engine is not None:
+                engine.dispose()
+        for pool in (self._write_thread, self._read_threads):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._writer = self._reader = self._async_engine = None
+        self._write_thread = self._read_threads = None
+
+    async def _write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one write transaction; the commit is durable when this returns.
+
+        SQLite: the whole transaction runs in one dedicated thread (one thread
+        hop per transaction, not per statement; one writer at a time anyway).
+        PostgreSQL: asyncpg through SQLAlchemy's async engine.
+        """
+        return await self._run(fn, write=True)
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        return await self._run(fn, write=False)
+
+    async def _run(self, fn: Callable[[Connection], T], *, write: bool) -> T:
+        try:
+            if self._async_engine is not None:
+                if write:
+                    async with self._async_engine.begin() as aconn:
+                        return await aconn.run_sync(fn)
+                async with self._async_engine.connect() as aconn:
+                    return await aconn.run_sync(fn)
+            engine = self._writer if write else self._reader
+            pool = self._write_thread if write else self._read_threads
+            if engine is None or pool is None:
+                raise StoreError("the store is not open")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(pool, _in_transaction, engine, fn)
+        except sa.exc.DBAPIError as exc:
+            raise StoreError(f"store {'write' if write else 'read'} failed: {exc.orig}") from exc
+
+    def _insert_ignore(self, table: sa.Table) -> Any:
+        if self.is_sqlite:
+            return sqlite.insert(table).on_conflict_do_nothing()
+        return postgresql.insert(table).on_conflict_do_nothing()
+
+    def _random_lease(self) -> Any:
+        if self.is_sqlite:
+            return sa.func.lower(sa.func.hex(sa.func.randomblob(8)))
+        return sa.func.substr(
+            sa.func.md5(sa.func.random().cast(sa.Text) + sa.func.clock_timestamp().cast(sa.Text)),
+            1,
+            16,
+        )
+
+    # --- submission ------------------------------------------------------------
+
+    async def submit(
+        self, job_id: str, job_name: str | None, specs: list[TaskSpec], now: float
+    ) -> Changes:
+        changes, _, errors = await self.cycle(
+            submissions=[Submission(job_id, job_name, specs)], now=now
+        )
+        if errors[0] is not None:
+            raise errors[0]
+        return changes
+
+    def _submit(self, conn: Connection, sub: Submission, now: float, changes: Changes) -> None:
+        """Store one batch, or raise SubmissionError having written nothing of it."""
+        job_id, job_name, specs = sub.job_id, sub.job_name, sub.specs
+        if not specs:
+            raise SubmissionError("the submission holds no tasks", job_id=job_id)
+        ids = [s.id for s in specs]
+        in_batch = set(ids)
+        if len(in_batch) != len(ids):
+            dup = next(i for i, c in Counter(ids).items() if c > 1)
+            raise SubmissionError(f"task id {dup} appears twice in the batch", task_id=dup)
+        cycle = find_cycle({s.id: [d for d in s.depends_on if d in in_batch] for s in specs})
+        if cycle:
+            raise SubmissionError("dependency cycle: " + " -> ".join(cycle), task_ids=cycle)
+        external = sorted({d for s in specs for d in s.depends_on if d not in in_batch})
+
+        def _tx(conn: Connection) -> Any:
+            existing = self._existing(conn, ids)
+            if existing:
+                if len(existing) == len(ids):
+                    return changes  # a retry of a batch that was committed: nothing to do
+                some = sorted(existing)[:5]
+                raise SubmissionError(f"task ids already stored: {', '.join(some)}", task_ids=some)
+            ext_state = self._states(conn, external, lock=True)
+            unknown = [d for d in external if d not in ext_state]
+            if unknown:
+                who = next(s.id for s in specs if unknown[0] in s.depends_on)
+                raise SubmissionError(
+                    f"task {who}: depends_on names unknown task ids: {', '.join(unknown[:5])}",
+                    task_id=who,
+                    unknown=unknown,
+                )
+            conn.execute(
+                self._insert_ignore(schema.jobs),
+                [{"id": job_id, "name": job_name, "created_at": now}],
+            )
+            seq0 = time.time_ns()
+            rows: list[dict[str, Any]] = []
+            dep_rows: list[dict[str, str]] = []
+            doomed: list[str] = []
+            for i, s in enumerate(specs):
+                pending = 0
+                dead_dep = False
+                for d in s.depends_on:
+                    dep_rows.append({"task_id": s.id, "dep_id": d})
+                    st = ext_state.get(d)
+                    if st is None or st not in (TaskState.SUCCEEDED,):
+                        if st is not None and st.is_final:
+                            dead_dep = dead_dep or not s.run_on_failure
+                            if s.run_on_failure:
+                                continue
+                        else:
+                            pending += 1
+                state = TaskState.WAITING if pending or dead_dep else TaskState.READY
+                if dead_dep:
+                    doomed.append(s.id)
+                rows.append(
+                    {
+                        "id": s.id,
+                        "seq": seq0 + i,
+                        "job_id": job_id,
+                        "name": s.name,
+                        "kind": s.kind,
+                        "state": state.value,
+                        "priority": s.priority,
+                        "attempt": 0,
+                        "max_attempts": s.max_attempts,
+                        "timeout_s": s.timeout_s,
+                        "ckey": s.constraint_key(),
+                        "labels": s.labels,
+                        "payload": s.payload,
+                        "command": s.command.model_dump() if s.command else None,
+                        "n_deps": len(s.depends_on),
+                        "pending_deps": pending,
+                        "run_on_failure": s.run_on_failure,
+                        "created_at": now,
+                    }
+                )
+                if state is TaskState.READY:
+                    changes.newly_ready += 1
+            for chunk in _chunks(rows, 500):
+                conn.execute(_t.insert(), list(chunk))
+            for dchunk in _chunks(dep_rows, 5000):
+                conn.execute(_d.insert(), list(dchunk))
+            targets = sorted({r["dep_id"] for r in dep_rows})
+            for tchunk in _chunks(targets):
+                conn.execute(_t.update().where(_t.c.id.in_(tchunk)).values(has_dependents=True))
+            if doomed:
+                self._fail_waiting(conn, doomed, Reason.DEPENDENCY_FAILED, now, changes)
+
+        with conn.begin_nested():
+            _tx(conn)
+
+    def _existing(self, conn: Connection, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(ids):
+            res = conn.execute(sa.select(_t.c.id).where(_t.c.id.in_(chunk)))
+            found.update(r[0] for r in res)
+        return found
+
+    def _states(
+        self, conn: Connection, ids: Sequence[str], *, lock: bool = False
+    ) -> dict[str, TaskState]:
+        """Current states; with ``lock`` the rows are share-locked on PostgreSQL.
+
+        The share lock orders a submission against a concurrent completion of
+        a dependency: whichever commits second sees the other's rows.
+        """
+        out: dict[str, TaskState] = {}
+        for chunk in _chunks(ids):
+            q = sa.select(_t.c.id, _t.c.state).where(_t.c.id.in_(chunk))
+            if lock and not self.is_sqlite:
+                q = q.with_for_update(read=True)
+            for tid, st in conn.execute(q):
+                out[tid] = TaskState(st)
+        return out
+
+    # --- claims ----------------------------------------------------------------
+
+    async def ready_constraint_keys(self) -> list[str]:
+        def _tx(conn: Connection) -> Any:
+            res = conn.execute(
+                sa.select(_t.c.ckey).where(_t.c.state == TaskState.READY.value).distinct()
+            )
+            return [r[0] for r in res]
+
+        return await self._read(_tx)
+
+    async def claim(
+        self, node_id: str, constraint_keys: list[str], limit: int, now: float
+    ) -> list[Claimed]:
+        _, claimed, _ = await self.cycle(
+            claims=[ClaimRequest(node_id, constraint_keys, limit)], now=now
+        )
+        return claimed.get(node_id, [])
+
+    async def cycle(
+        self,
+        *,
+        submissions: Sequence[Submission] = (),
+        started: Sequence[tuple[str, str]] = (),
+        released: Sequence[tuple[str, str]] = (),
+        results: Sequence[TaskResult] = (),
+        claims: Sequence[ClaimRequest] = (),
+        now: float,
+    ) -> tuple[Changes, dict[str, list[Claimed]], list[SubmissionError | None]]:
+        """One transaction for a turn of the coordinator: new batches, what agents
+        reported, then new leases.
+
+        Doing all of it under one commit (one fsync) is what makes the queue
+        durable and fast at once. Each submission is all or nothing on its own
+        (a savepoint): a refused batch leaves no trace and does not stop the rest.
+        """
+        changes = Changes()
+        claimed: dict[str, list[Claimed]] = {}
+        errors: list[SubmissionError | None] = []
+        if not (submissions or started or released or results or claims):
+            return changes, claimed, errors
+
+        def _tx(conn: Connection) -> Any:
+            for sub in submissions:
+                try:
+                    self._submit(conn, sub, now, changes)
+                    errors.append(None)
+                except SubmissionError as exc:
+                    errors.append(exc)
+            if started:
+                self._mark_running(conn, started, now)
+            if released:
+                self._release_leases(conn, released, changes)
+            if results:
+                self._complete(conn, results, now, changes)
+            for req in claims:
+                got = self._claim(conn, req, now)
+                if got:
+                    claimed[req.node_id] = got
+
+        await self._write(_tx)
+        return changes, claimed, errors
+
+    def _claim(self, conn: Connection, req: ClaimRequest, now: float) -> list[Claimed]:
+        if req.limit <= 0 or not req.constraint_keys:
+            return []
+        pick = (
+            sa.select(_t.c.id)
+            .where(_t.c.state == TaskState.READY.value, _t.c.ckey.in_(req.constraint_keys))
+            .order_by(_t.c.priority.desc(), _t.c.seq)
+            .limit(req.limit)
+        )
+        if not self.is_sqlite:
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (
+            _t.update()
+            .where(_t.c.id.in_(pick.scalar_subquery()))
+            .values(
+                state=TaskState.LEASED.value,
+                node_id=req.node_id,
+                attempt=_t.c.attempt + 1,
+                lease_id=self._random_lease(),
+                leased_at=now,
+                started_at=None,
+            )
+            .returning(
+                _t.c.id,
+                _t.c.lease_id,
+                _t.c.attempt,
+                _t.c.kind,
+                _t.c.payload,
+                _t.c.command,
+                _t.c.timeout_s,
+                _t.c.n_deps,
+                _t.c.seq,
+                _t.c.priority,
+            )
+        )
+        rows = list(conn.execute(stmt))
+        if not rows:
+            return []
+        rows.sort(key=lambda r: (-r.priority, r.seq))
+        dep_results = self._dep_results(conn, [r.id for r in rows if r.n_deps])
+        return [
+            Claimed(
+                task_id=r.id,
+                lease_id=r.lease_id,
+                attempt=r.attempt,
+                kind=r.kind,
+                payload=r.payload,
+                command=CommandSpec.model_validate(r.command) if r.command else None,
+                timeout_s=r.timeout_s,
+                dep_results=dep_results.get(r.id, {}),
+            )
+            for r in rows
+        ]
+
+    def _dep_results(
+        self, conn: Connection, task_ids: Sequence[str]
+    ) -> dict[str, dict[str, bytes]]:
+        out: dict[str, dict[str, bytes]] = {}
+        dep_t = _t.alias("dep")
+        for chunk in _chunks(task_ids):
+            res = conn.execute(
+                sa.select(_d.c.task_id, _d.c.dep_id, dep_t.c.result)
+                .join(dep_t, dep_t.c.id == _d.c.dep_id)
+                .where(_d.c.task_id.in_(chunk), dep_t.c.state == TaskState.SUCCEEDED.value)
+            )
+            for tid, did, result in res:
+                if result is not None:
+                    out.setdefault(tid, {})[did] = result
+        return out
+
+    async def mark_running(self, leases: list[tuple[str, str]], now: float) -> None:
+        await self.cycle(started=leases, now=now)
+
+    def _mark_running(
+        self, conn: Connection, leases: Sequence[tuple[str, str]], now: float
+    ) -> None:
+        conn.execute(
+            _t.update()
+            .where(
+                _t.c.id == sa.bindparam("tid"),
+                _t.c.lease_id == sa.bindparam("lid"),
+                _t.c.state == TaskState.LEASED.value,
+            )
+            .values(state=TaskState.RUNNING.value, started_at=now),
+            [{"tid": t, "lid": lid} for t, lid in leases],
+        )
+
+    # --- results -----------------------------------------------------------------
+
+    async def complete(self, results: list[TaskResult], now: float) -> Changes:
+        changes, _, _ = await self.cycle(results=results, now=now)
+        return changes
+
+    def _complete(
+        self, conn: Connection, results: Sequence[TaskResult], now: float, changes: Changes
+    ) -> None:
+        current = self._lease_rows(conn, [r.task_id for r in results])
+        finished: list[dict[str, Any]] = []
+        retried: list[dict[str, Any]] = []
+        attempt_rows: list[dict[str, Any]] = []
+        succeeded: list[str] = []
+        failed: list[str] = []
+        seen: set[str] = set()
+        final_states = {s.value for s in FINAL_TASK_STATES}
+        for r in results:
+            row = current.get(r.task_id)
+            if row is None or row.lease_id != r.lease_id or r.task_id in seen:
+                changes.refused.append(r.lease_id)
+                continue
+            if row.state not in _ACTIVE:
+                # Already recorded under this lease (a resent result): acknowledge,
+                # record nothing, so the agent stops resending.
+                (changes.accepted if row.state in final_states else changes.refused).append(
+                    r.lease_id
+                )
+                continue
+            seen.add(r.task_id)
+            changes.accepted.append(r.lease_id)
+            attempt_rows.append(
+                {
+                    "lease_id": r.lease_id,
+                    "task_id": r.task_id,
+                    "attempt": row.attempt,
+                    "node_id": row.node_id or "",
+                    "leased_at": row.leased_at or now,
+                    "started_at": row.started_at or r.started_at,
+                    "ended_at": r.ended_at or now,
+                    "outcome": r.state.value,
+                    "reason": r.reason,
+                    "error": r.error,
+                }
+            )
+            if r.state is TaskState.FAILED and row.attempt < row.max_attempts:
+                retried.append({"tid": r.task_id, "lid": r.lease_id})
+                changes.requeued.append(r.task_id)
+                continue
+            finished.append(
+                {
+                    "tid": r.task_id,
+                    "lid": r.lease_id,
+                    "state": r.state.value,
+                    "reason": r.reason,
+                    "result": r.result,
+                    "error": r.error,
+                    "error_pickle": r.error_pickle,
+                    "output": r.output,
+                    "started_at": r.started_at,
+                    "finished_at": now,
+                }
+            )
+            changes.finals.append(
+                Final(
+                    task_id=r.task_id,
+                    state=r.state,
+                    reason=r.reason,
+                    result=r.result,
+                    error=r.error,
+                    error_pickle=r.error_pickle,
+                    output=r.output,
+                )
+            )
+            if row.has_dependents:
+                (succeeded if r.state is TaskState.SUCCEEDED else failed).append(r.task_id)
+        if finished:
+            conn.execute(
+                _t.update()
+                .where(_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
+                .values(
+                    state=sa.bindparam("state"),
+                    reason=sa.bindparam("reason"),
+                    result=sa.bindparam("result"),
+                    error=sa.bindparam("error"),
+                    error_pickle=sa.bindparam("error_pickle"),
+                    output=sa.bindparam("output"),
+                    started_at=sa.func.coalesce(_t.c.started_at, sa.bindparam("started_at")),
+                    finished_at=sa.bindparam("finished_at"),
+                ),
+                finished,
+            )
+        if retried:
+            conn.execute(
+                _t.update()
+                .where(_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
+                .values(state=TaskState.READY.value, node_id=None, lease_id=None),
+                retried,
+            )
+            changes.newly_ready += len(retried)
+            self._events(conn, now, [("task_retry", t["tid"], None, t["lid"], {}) for t in retried])
+        if attempt_rows:
+            conn.execute(_a.insert(), attempt_rows)
+        if succeeded:
+            self._release(conn, succeeded, changes)
+        if failed:
+            self._fail_dependents(conn, failed, now, changes)
+
+    def _lease_rows(self, conn: Connection, task_ids: Sequence[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for chunk in _chunks(task_ids):
+            q = sa.select(
+                _t.c.id,
+                _t.c.lease_id,
+                _t.c.state,
+                _t.c.attempt,
+                _t.c.max_attempts,
+                _t.c.node_id,
+                _t.c.leased_at,
+                _t.c.started_at,
+                _t.c.has_dependents,
+            ).where(_t.c.id.in_(chunk))
+            if not self.is_sqlite:
+                q = q.with_for_update()
+            for row in conn.execute(q):
+                out[row.id] = row
+        return out
+
+    def _release(self, conn: Connection, done: Sequence[str], changes: Changes) -> None:
+        """Count down the dependents of ``done`` tasks; those at zero become ready.
+
+        Costs the finished tasks' own edges (index ``ix_deps_dep``), not the queue.
+        """
+        counts: Counter[str] = Counter()
+        for chunk in _chunks(done):
+            res = conn.execute(
+                sa.select(_d.c.task_id, sa.func.count())
+                .where(_d.c.dep_id.in_(chunk))
+                .group_by(_d.c.task_id)
+            )
+            for tid, n in res:
+                counts[tid] += n
+        if not counts:
+            return
+        conn.execute(
+            _t.update()
+            .where(_t.c.id == sa.bindparam("tid"), _t.c.state == TaskState.WAITING.value)
+            .values(pending_deps=_t.c.pending_deps - sa.bindparam("n")),
+            [{"tid": t, "n": n} for t, n in counts.items()],
+        )
+        for chunk in _chunks(list(counts)):
+            res = conn.execute(
+                _t.update()
+                .where(
+                    _t.c.id.in_(chunk),
+                    _t.c.state == TaskState.WAITING.value,
+                    _t.c.pending_deps <= 0,
+                )
+                .values(state=TaskState.READY.value)
+            )
+            changes.newly_ready += res.rowcount
+
+    def _fail_dependents(
+        self, conn: Connection, dead: Sequence[str], now: float, changes: Changes
+    ) -> None:
+        """Fail the waiting dependents of ``dead`` tasks, transitively.
+
+        Dependents marked ``run_on_failure`` count the dead task as done instead.
+        """
+        frontier = list(dead)
+        while frontier:
+            doomed: list[str] = []
+            tolerant: list[str] = []
+            for chunk in _chunks(frontier):
+                res = conn.execute(
+                    sa.select(_t.c.id, _t.c.run_on_failure)
+                    .join(_d, _d.c.task_id == _t.c.id)
+                    .where(_d.c.dep_id.in_(chunk), _t.c.state == TaskState.WAITING.value)
+                )
+                for tid, rof in res:
+                    (tolerant if rof else doomed).append(tid)
+            if tolerant:
+                self._release_for(conn, frontier, tolerant, changes)
+            frontier = sorted(set(doomed))
+            if frontier:
+                self._fail_waiting(
+                    conn, frontier, Reason.DEPENDENCY_FAILED, now, changes, cascade=False
+                )
+
+    def _release_for(
+        self,
+        conn: Connection,
+        dead: Sequence[str],
+        dependents: Sequence[str],
+        changes: Changes,
+    ) -> None:
+        """Count dead dependencies as done for ``run_on_failure`` dependents."""
+        counts: Counter[str] = Counter()
+        dead_set = set(dead)
+        for chunk in _chunks(sorted(set(dependents))):
+            res = conn.execute(sa.select(_d.c.task_id, _d.c.dep_id).where(_d.c.task_id.in_(chunk)))
+            for tid, did in res:
+                if did in dead_set:
+                    counts[tid] += 1
+        conn.execute(
+            _t.update()
+            .where(_t.c.id == sa.bindparam("tid"), _t.c.state == TaskState.WAITING.value)
+            .values(pending_deps=_t.c.pending_deps - sa.bindparam("n")),
+            [{"tid": t, "n": n} for t, n in counts.items()],
+        )
+        for chunk in _chunks(list(counts)):
+            res = conn.execute(
+                _t.update()
+                .where(
+                    _t.c.id.in_(chunk),
+                    _t.c.state == TaskState.WAITING.value,
+                    _t.c.pending_deps <= 0,
+                )
+                .values(state=TaskState.READY.value)
+            )
+            changes.newly_ready += res.rowcount
+
+    def _fail_waiting(
+        self,
+        conn: Connection,
+        ids: Sequence[str],
+        reason: str,
+        now: float,
+        changes: Changes,
+        *,
+        cascade: bool = True,
+    ) -> None:
+        error = {"type": "DependencyFailed", "message": "a task this one depends on failed"}
+        for chunk in _chunks(ids):
+            conn.execute(
+                _t.update()
+                .where(_t.c.id.in_(chunk), _t.c.state == TaskState.WAITING.value)
+                .values(state=TaskState.FAILED.value, reason=reason, error=error, finished_at=now)
+            )
+        changes.finals.extend(
+            Final(task_id=t, state=TaskState.FAILED, reason=reason, error=error) for t in ids
+        )
+        self._events(conn, now, [("task_failed", t, None, None, {"reason": reason}) for t in ids])
+        if cascade:
+            self._fail_dependents(conn, ids, now, changes)
+
+    # --- lease loss, hand-back, adoption ------------------------------------------
+
+    async def requeue_node(
+        self, node_id: str, reason: str, now: float, keep: Collection[str] = ()
+    ) -> Changes:
+        changes = Changes()
+
+        def _tx(conn: Connection) -> Any:
+            q = sa.select(_t.c.id, _t.c.lease_id, _t.c.attempt, _t.c.max_attempts).where(
+                _t.c.node_id == node_id, _t.c.state.in_(_ACTIVE)
+            )
+            if not self.is_sqlite:
+                q = q.with_for_update()
+            rows = [r for r in conn.execute(q) if r.lease_id not in keep]
+            if not rows:
+                return changes
+            again = [r for r in rows if r.attempt < r.max_attempts]
+            spent = [r for r in rows if r.attempt >= r.max_attempts]
+            if again:
+                conn.execute(
+                    _t.update()
+                    .where(_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
+                    .values(state=TaskState.READY.value, node_id=None, lease_id=None),
+                    [{"tid": r.id, "lid": r.lease_id} for r in again],
+                )
+                changes.requeued.extend(r.id for r in again)
+                changes.newly_ready += len(again)
+            error = {"type": "TaskLost", "message": f"node {node_id} was lost ({reason})"}
+            if spent:
+                conn.execute(
+                    _t.update()
+                    .where(_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
+                    .values(
+                        state=TaskState.FAILED.value,
+                        reason=Reason.LOST.value,
+                        error=error,
+                        finished_at=now,
+                    ),
+                    [{"tid": r.id, "lid": r.lease_id} for r in spent],
+                )
+                changes.finals.extend(
+                    Final(task_id=r.id, state=TaskState.FAILED, reason=Reason.LOST, error=error)
+                    for r in spent
+                )
+            conn.execute(
+                _a.insert(),
+                [
+                    _attempt_row(r.id, r.lease_id, r.attempt, node_id, r, now, "lost", reason)
+                    for r in rows
+                ],
+            )
+            self._events(
+                conn,
+                now,
+                [("task_requeued", r.id, node_id, r.lease_id, {"reason": reason}) for r in again]
+                + [("task_failed", r.id, node_id, r.lease_id, {"reason": "lost"}) for r in spent],
+            )
+            if spent:
+                self._fail_dependents(conn, [r.id for r in spent], now, changes)
+
+        await self._write(_tx)
+        return changes
+
+    async def release_leases(self, leases: list[tuple[str, str]], now: float) -> Changes:
+        changes, _, _ = await self.cycle(released=leases, now=now)
+        return changes
+
+    def _release_leases(
+        self, conn: Connection, leases: Sequence[tuple[str, str]], changes: Changes
+    ) -> None:
+        for tid, lid in leases:
+            res = conn.execute(
+                _t.update()
+                .where(_t.c.id == tid, _t.c.lease_id == lid, _t.c.state == TaskState.LEASED.value)
+                .values(
+                    state=TaskState.READY.value,
+                    node_id=None,
+                    lease_id=None,
+                    attempt=_t.c.attempt - 1,
+                )
+            )
+            if res.rowcount:
+                changes.requeued.append(tid)
+                changes.newly_ready += 1
+
+    async def adopt(self, node_id: str, leases: list[tuple[str, str]]) -> list[str]:
+        if not leases:
+            return []
+        kept: list[str] = []
+
+        def _tx(conn: Connection) -> Any:
+            for tid, lid in leases:
+                res = conn.execute(
+                    _t.update()
+                    .where(_t.c.id == tid, _t.c.lease_id == lid, _t.c.state.in_(_ACTIVE))
+                    .values(node_id=node_id)
+                )
+                if res.rowcount:
+                    kept.append(lid)
+
+        await self._write(_tx)
+        return kept
+
+    async def leases_of(self, node_id: str) -> list[tuple[str, str]]:
+        def _tx(conn: Connection) -> Any:
+            res = conn.execute(
+                sa.select(_t.c.id, _t.c.lease_id).where(
+                    _t.c.node_id == node_id, _t.c.state.in_(_ACTIVE)
+                )
+            )
+            return [(r[0], r[1]) for r in res]
+
+        return await self._read(_tx)
+
+    async def cancel(self, task_ids: list[str] | None, job_id: str | None, now: float) -> Changes:
+        changes = Changes()
+        cancellable = sorted(s.value for s in sources(TASK_TRANSITIONS, TaskState.CANCELLED))
+
+        def _tx(conn: Connection) -> Any:
+            q = sa.select(
+                _t.c.id,
+                _t.c.state,
+                _t.c.node_id,
+                _t.c.lease_id,
+                _t.c.attempt,
+                _t.c.leased_at,
+                _t.c.started_at,
+            ).where(_t.c.state.in_(cancellable))
+            rows: list[Any] = []
+            if task_ids is not None:
+                for chunk in _chunks(task_ids):
+                    rows.extend(conn.execute(q.where(_t.c.id.in_(chunk))))
+            if job_id is not None:
+                rows.extend(conn.execute(q.where(_t.c.job_id == job_id)))
+            if not rows:
+                return changes
+            ids = sorted({r.id for r in rows})
+            for chunk in _chunks(ids):
+                conn.execute(
+                    _t.update()
+                    .where(_t.c.id.in_(chunk), _t.c.state.in_(cancellable))
+                    .values(
+                        state=TaskState.CANCELLED.value,
+                        reason=Reason.CANCELLED.value,
+                        finished_at=now,
+                    )
+                )
+            changes.cancel_leases = [
+                (r.node_id, r.lease_id) for r in rows if r.state in _ACTIVE and r.node_id
+            ]
+            active = {r.id: r for r in rows if r.state in _ACTIVE and r.lease_id}
+            if active:
+                conn.execute(
+                    _a.insert(),
+                    [
+                        _attempt_row(
+                            r.id,
+                            r.lease_id,
+                            r.attempt,
+                            r.node_id or "",
+                            r,
+                            now,
+                            "cancelled",
+                            "cancelled",
+                        )
+                        for r in active.values()
+                    ],
+                )
+            changes.finals.extend(
+                Final(task_id=t, state=TaskState.CANCELLED, reason=Reason.CANCELLED) for t in ids
+            )
+            self._events(conn, now, [("task_cancelled", t, None, None, {}) for t in ids])
+            self._fail_dependents(conn, ids, now, changes)
+
+        await self._write(_tx)
+        return changes
+
+    # --- queries -------------------------------------------------------------------
+
+    async def task(self, task_id: str) -> TaskRecord | None:
+        def _tx(conn: Connection) -> Any:
+            row = (conn.execute(sa.select(_t).where(_t.c.id == task_id))).first()
+            if row is None:
+                return None
+            dep_ids = [
+                r[0] for r in conn.execute(sa.select(_d.c.dep_id).where(_d.c.task_id == task_id))
+            ]
+            return _task_record(row, dep_ids)
+
+        return await self._read(_tx)
+
+    async def tasks(
+        self,
+        *,
+        state: TaskState | None = None,
+        job_id: str | None = None,
+        node_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[TaskRecord]:
+        q = sa.select(_t).order_by(_t.c.seq, _t.c.id).limit(max(1, min(limit, 10_000)))
+        if state is not None:
+            q = q.where(_t.c.state == state.value)
+        if job_id is not None:
+            q = q.where(_t.c.job_id == job_id)
+        if node_id is not None:
+            q = q.where(_t.c.node_id == node_id)
+
+        def _tx(conn: Connection) -> Any:
+            page = q
+            if after is not None:
+                anchor = (conn.execute(sa.select(_t.c.seq).where(_t.c.id == after))).scalar()
+                if anchor is not None:
+                    page = q.where(
+                        sa.or_(_t.c.seq > anchor, sa.and_(_t.c.seq == anchor, _t.c.id > after))
+                    )
+            return [_task_record(r, []) for r in conn.execute(page)]
+
+        return await self._read(_tx)
+
+    async def attempts(self, task_id: str) -> list[AttemptRecord]:
+        """Ended attempts, then the current lease if the task holds one."""
+
+        def _tx(conn: Connection) -> Any:
+            res = list(
+                conn.execute(
+                    sa.select(_a)
+                    .where(_a.c.task_id == task_id)
+                    .order_by(_a.c.attempt, _a.c.leased_at)
+                )
+            )
+            cur = (
+                conn.execute(
+                    sa.select(
+                        _t.c.lease_id, _t.c.attempt, _t.c.node_id, _t.c.leased_at, _t.c.started_at
+                    ).where(_t.c.id == task_id, _t.c.state.in_(_ACTIVE))
+                )
+            ).first()
+            current = (
+                [
+                    AttemptRecord(
+                        task_id=task_id,
+                        attempt=cur.attempt,
+                        lease_id=cur.lease_id,
+                        node_id=cur.node_id or "",
+                        leased_at=cur.leased_at or 0.0,
+                        started_at=cur.started_at,
+                        ended_at=None,
+                        outcome=None,
+                        reason=None,
+                    )
+                ]
+                if cur is not None
+                else []
+            )
+            return [
+                AttemptRecord(
+                    task_id=r.task_id,
+                    attempt=r.attempt,
+                    lease_id=r.lease_id,
+                    node_id=r.node_id,
+                    leased_at=r.leased_at,
+                    started_at=r.started_at,
+                    ended_at=r.ended_at,
+                    outcome=r.outcome,
+                    reason=r.reason,
+                )
+                for r in res
+            ] + current
+
+        return await self._read(_tx)
+
+    async def finals(self, task_ids: list[str]) -> list[Final]:
+        out: list[Final] = []
+        finals = [s.value for s in FINAL_TASK_STATES]
+
+        def _tx(conn: Connection) -> Any:
+            for chunk in _chunks(task_ids):
+                res = conn.execute(
+                    sa.select(
+                        _t.c.id,
+                        _t.c.state,
+                        _t.c.reason,
+                        _t.c.result,
+                        _t.c.error,
+                        _t.c.error_pickle,
+                        _t.c.output,
+                    ).where(_t.c.id.in_(chunk), _t.c.state.in_(finals))
+                )
+                out.extend(
+                    Final(
+                        task_id=r.id,
+                        state=TaskState(r.state),
+                        reason=r.reason,
+                        result=r.result,
+                        error=r.error,
+                        error_pickle=r.error_pickle,
+                        output=r.output,
+                    )
+                    for r in res
+                )
+
+        await self._read(_tx)
+        return out
+
+    async def job(self, job_id: str) -> JobSummary | None:
+        def _tx(conn: Connection) -> Any:
+            row = (conn.execute(sa.select(schema.jobs).where(schema.jobs.c.id == job_id))).first()
+            if row is None:
+                return None
+            res = conn.execute(
+                sa.select(_t.c.state, sa.func.count())
+                .where(_t.c.job_id == job_id)
+                .group_by(_t.c.state)
+            )
+            return JobSummary(
+                id=row.id, name=row.name, created_at=row.created_at, counts={s: n for s, n in res}
+            )
+
+        return await self._read(_tx)
+
+    async def jobs(self, limit: int = 100) -> list[JobSummary]:
+        def _tx(conn: Connection) -> Any:
+            rows = list(
+                conn.execute(
+                    sa.select(schema.jobs).order_by(schema.jobs.c.created_at.desc()).limit(limit)
+                )
+            )
+            counts: dict[str, dict[str, int]] = {r.id: {} for r in rows}
+            if rows:
+                res = conn.execute(
+                    sa.select(_t.c.job_id, _t.c.state, sa.func.count())
+                    .where(_t.c.job_id.in_(list(counts)))
+                    .group_by(_t.c.job_id, _t.c.state)
+                )
+                for jid, st, n in res:
+                    counts[jid][st] = n
+            return [
+                JobSummary(id=r.id, name=r.name, created_at=r.created_at, counts=counts[r.id])
+                for r in rows
+            ]
+
+        return await self._read(_tx)
+
+    async def counts(self) -> dict[str, int]:
+        def _tx(conn: Connection) -> Any:
+            res = conn.execute(sa.select(_t.c.state, sa.func.count()).group_by(_t.c.state))
+            return {s: n for s, n in res}
+
+        return await self._read(_tx)
+
+    async def finished_since(self, since: float) -> int:
+        def _tx(conn: Connection) -> Any:
+            res = conn.execute(
+                sa.select(sa.func.count()).select_from(_t).where(_t.c.finished_at >= since)
+            )
+            return int(res.scalar() or 0)
+
+        return await self._read(_tx)
+
+    # --- nodes and events ------------------------------------------------------------
+
+    async def upsert_node(self, node: NodeRecord) -> None:
+        values = node.model_dump(mode="json")
+
+        def _tx(conn: Connection) -> Any:
+            res = conn.execute(
+                _n.update()
+                .where(_n.c.id == node.id)
+                .values(**{k: v for k, v in values.items() if k != "id"})
+            )
+            if not res.rowcount:
+                conn.execute(_n.insert().values(**values))
+            self._events(
+                conn,
+                time.time(),
+                [("node_" + node.state.value, None, node.id, None, {"reason": node.reason})],
+            )
+
+        return await self._write(_tx)
+
+    async def set_node_state(
+        self, node_id: str, state: NodeState, reason: str | None, now: float
+    ) -> NodeRecord | None:
+        def _tx(conn: Connection) -> Any:
+            row = (conn.execute(sa.select(_n).where(_n.c.id == node_id))).first()
+            if row is None:
+                return None
+            old = NodeState(row.state)
+            if old == state:
+                return _node_record(row)
+            check_node_transition(node_id, old, state)
+            values: dict[str, Any] = {"state": state.value, "last_seen": now}
+            if reason is not None or not state.is_alive:
+                values["reason"] = reason
+            conn.execute(_n.update().where(_n.c.id == node_id).values(**values))
+            self._events(
+                conn,
+                now,
+                [
+                    (
+                        "node_" + state.value,
+                        None,
+                        node_id,
+                        None,
+                        {"reason": reason, "from": old.value},
+                    )
+                ],
+            )
+            new = (conn.execute(sa.select(_n).where(_n.c.id == node_id))).first()
+            return _node_record(new) if new is not None else None
+
+        return await self._write(_tx)
+
+    async def nodes(self, *, alive_only: bool = False) -> list[NodeRecord]:
+        q = sa.select(_n).order_by(_n.c.created_at, _n.c.id)
+        if alive_only:
+            q = q.where(_n.c.state.notin_([NodeState.TERMINATED.value, NodeState.LOST.value]))
+
+        def _tx(conn: Connection) -> Any:
+            return [_node_record(r) for r in conn.execute(q)]
+
+        return await self._read(_tx)
+
+    async def add_event(
+        self,
+        action: str,
+        now: float,
+        *,
+        task_id: str | None = None,
+        node_id: str | None = None,
+        lease_id: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        def _tx(conn: Connection) -> Any:
+            self._events(conn, now, [(action, task_id, node_id, lease_id, data or {})])
+
+        return await self._write(_tx)
+
+    def _events(
+        self,
+        conn: Connection,
+        now: float,
+        rows: Iterable[tuple[str, str | None, str | None, str | None, dict[str, Any]]],
+    ) -> None:
+        batch = [
+            {"at": now, "action": a, "task_id": t, "node_id": n, "lease_id": lid, "data": d}
+            for a, t, n, lid, d in rows
+        ]
+        for chunk in _chunks(batch, 500):
+            conn.execute(_e.insert(), list(chunk))
+
+    async def events(
+        self, *, after: int = 0, task_id: str | None = None, limit: int = 100
+    ) -> list[EventRecord]:
+        q = sa.select(_e).where(_e.c.id > after).order_by(_e.c.id).limit(limit)
+        if task_id is not None:
+            q = q.where(_e.c.task_id == task_id)
+
+        def _tx(conn: Connection) -> Any:
+            return [
+                EventRecord(
+                    id=r.id,
+                    at=r.at,
+                    action=r.action,
+                    task_id=r.task_id,
+                    node_id=r.node_id,
+                    lease_id=r.lease_id,
+                    data=r.data or {},
+                )
+                for r in conn.execute(q)
+            ]
+
+        return await self._read(_tx)
+
+
+def _attempt_row(
+    task_id: str,
+    lease_id: str,
+    attempt: int,
+    node_id: str,
+    row: Any,
+    now: float,
+    outcome: str,
+    reason: str | None,
+) -> dict[str, Any]:
+    return {
+        "lease_id": lease_id,
+        "task_id": task_id,
+        "attempt": attempt,
+        "node_id": node_id,
+        "leased_at": row.leased_at or now,
+        "started_at": row.started_at,
+        "ended_at": now,
+        "outcome": outcome,
+        "reason": reason,
+        "error": None,
+    }
+
+
+def _in_transaction(engine: sa.Engine, fn: Callable[[Connection], T]) -> T:
+    with engine.begin() as conn:
+        return fn(conn)
+
+
+def _sqlite_pragmas(engine: sa.Engine, *, immediate: bool) -> None:
+    """WAL + ``synchronous=FULL``: a commit is on disk before it is acknowledged."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _task_record(row: Any, depends_on: list[str]) -> TaskRecord:
+    return TaskRecord(
+        id=row.id,
+        job_id=row.job_id,
+        name=row.name,
+        kind=row.kind,
+        state=TaskState(row.state),
+        priority=row.priority,
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        timeout_s=row.timeout_s,
+        labels=row.labels or {},
+        depends_on=depends_on,
+        node_id=row.node_id,
+        lease_id=row.lease_id,
+        reason=row.reason,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        command=CommandSpec.model_validate(row.command) if row.command else None,
+        error=row.error,
+        output=row.output,
+    )
+
+
+def _node_record(row: Any) -> NodeRecord:
+    return NodeRecord(
+        id=row.id,
+        name=row.name,
+        state=NodeState(row.state),
+        provider=row.provider,
+        labels=row.labels or {},
+        slots=row.slots,
+        host=row.host,
+        pid=row.pid,
+        created_at=row.created_at,
+        last_seen=row.last_seen,
+        reason=row.reason,
+    )
