@@ -42,7 +42,9 @@ def main() -> int:
         ]
         final = herd.submit(add_up, *reduces, name="final")
         commands = [
-            herd.command(["sh", "-c", f"echo chunk {k} from $(hostname); sleep 0.2"], name=f"cmd-{k}")
+            herd.command(
+                ["sh", "-c", f"echo chunk {k} from $(hostname); sleep 0.2"], name=f"cmd-{k}"
+            )
             for k in range(4)
         ]
         everything = [*maps, *reduces, final, *commands]
@@ -62,7 +64,9 @@ def main() -> int:
                 time.sleep(0.05)
         result = final.result()
         expected = sum(square_root_sum(i) for i in range(200))
-        console.print(f"final result: [bold]{result:,.3f}[/bold] (checked locally: {expected:,.3f})")
+        console.print(
+            f"final result: [bold]{result:,.3f}[/bold] (checked locally: {expected:,.3f})"
+        )
         for cmd in commands:
             console.print(f"  command says: {cmd.result()['stdout_tail'].strip()}", highlight=False)
         per_node = collections.Counter(
@@ -71,8 +75,7 @@ def main() -> int:
         elapsed = time.perf_counter() - herd_ready
         console.print(
             f"{len(everything)} tasks in {elapsed:.2f}s = {len(everything) / elapsed:.0f} tasks/s; "
-            "tasks per node: "
-            + ", ".join(f"{node}: {n}" for node, n in sorted(per_node.items())),
+            "tasks per node: " + ", ".join(f"{node}: {n}" for node, n in sorted(per_node.items())),
             highlight=False,
         )
         if not math.isclose(result, expected, rel_tol=1e-9):

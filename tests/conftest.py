@@ -71,3 +71,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'herd.db'}"
     url: str = request.getfixturevalue("pg_url")
     return url
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Test modules are not importable on agents: ship their functions by value."""
+    import cloudpickle
+
+    for module in {item.module for item in items if isinstance(item, pytest.Function)}:
+        if module is not None:
+            cloudpickle.register_pickle_by_value(module)

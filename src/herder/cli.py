@@ -185,6 +185,12 @@ def agent(
         typer.Option(envvar="HERDER_PREFETCH", help="Tasks queued on the node beyond its slots."),
     ] = None,
     provider: Annotated[str, typer.Option(hidden=True)] = "joined",
+    orphan_after: Annotated[
+        float,
+        typer.Option(
+            envvar="HERDER_ORPHAN_AFTER", help="Exit after this many seconds without a coordinator."
+        ),
+    ] = 15 * 60.0,
     log_level: Annotated[str, typer.Option(envvar="HERDER_LOG_LEVEL")] = "info",
     log_format: Annotated[
         str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
@@ -220,6 +226,7 @@ def agent(
         prefetch=prefetch if prefetch is not None else max(2, slots * 2),
         labels=labels,
         provider=provider,
+        orphan_after_s=orphan_after,
     )
 
     async def main() -> int:
@@ -331,7 +338,8 @@ def task_detail(task_id: str, home: HomeOpt = None, as_json: JsonOpt = False) ->
         highlight=False,
     )
     console.print(
-        f"job {t['job_id']}, kind {t['kind']}, attempt {t['attempt']}/{t['max_attempts']}, priority {t['priority']}"
+        f"job {t['job_id']}, kind {t['kind']}, "
+        f"attempt {t['attempt']}/{t['max_attempts']}, priority {t['priority']}"
     )
     if t["command"]:
         console.print(f"run: {t['command']['run']!r}", highlight=False)

@@ -435,7 +435,7 @@ class AsyncClient:
         batch_size: int = MAP_BATCH,
         job: str | None = None,
         retries: int = DEFAULT_RETRIES,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - each task's timeout, not this call's
         priority: int = 0,
     ) -> list[T]:
         """``[fn(x) for x in iterable]`` on the herd, results in order; one job."""

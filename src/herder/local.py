@@ -119,6 +119,9 @@ class LocalHerd:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
         return self.process.returncode
 
     def kill(self) -> None:
@@ -135,5 +138,3 @@ class LocalHerd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()

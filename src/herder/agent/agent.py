@@ -52,6 +52,7 @@ class AgentConfig:
     provider: str = "joined"
     reconnect_max_s: float = 5.0
     grace_s: float = 30.0
+    orphan_after_s: float = 15 * 60.0
 
 
 class Agent:
@@ -71,6 +72,8 @@ class Agent:
         self._ssl: ssl.SSLContext | None = None
         self._draining = False  # told by the coordinator: take no more tasks for now
         self._stopping = asyncio.Event()
+        self._changed = asyncio.Event()  # something ran to its end or was acknowledged
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._lost_after_s = 5.0
         self._heartbeat_s = 1.0
         self._disconnected_at: float | None = time.monotonic()
@@ -234,14 +237,24 @@ class Agent:
     async def _stop_when_asked(self, ws: ClientConnection) -> None:
         await self._stopping.wait()
         await self._hand_back()
-        deadline = time.monotonic() + self.config.grace_s
-        while (self._running or self._unacked) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wait_settled(), self.config.grace_s)
         for _, task in list(self._running.values()):
             task.cancel()
         with contextlib.suppress(websockets.WebSocketException):
             await ws.send(protocol.encode(protocol.Bye(reason="stopped")))
             await ws.close()
+
+    async def _wait_settled(self) -> None:
+        """Until nothing runs and every result is acknowledged."""
+        while self._running or self._unacked:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _hand_back(self) -> None:
         queued, self._queue = list(self._queue), deque()
@@ -262,13 +275,14 @@ class Agent:
         if isinstance(msg, protocol.Assign):
             if self._stopping.is_set():
                 self._queue.extend(msg.tasks)
-                asyncio.ensure_future(self._hand_back())
+                self._background(self._hand_back())
                 return
             self._queue.extend(msg.tasks)
             self._queue_event.set()
         elif isinstance(msg, protocol.Ack):
             for lid in (*msg.accepted, *msg.refused):
                 self._unacked.pop(lid, None)
+            self._changed.set()
             if msg.refused:
                 log.info("coordinator refused %d stale results", len(msg.refused))
         elif isinstance(msg, protocol.Cancel):
@@ -280,7 +294,7 @@ class Agent:
                     entry[1].cancel()
         elif isinstance(msg, protocol.Drain):
             self._draining = True
-            asyncio.ensure_future(self._hand_back())
+            self._background(self._hand_back())
         else:
             raise protocol.ProtocolError(f"unexpected {type(msg).__name__}")
 
@@ -295,6 +309,11 @@ class Agent:
         while True:
             await asyncio.sleep(0.25)
             gone = self._disconnected_at
+            if gone is not None and time.monotonic() - gone > self.config.orphan_after_s:
+                log.error(
+                    "no coordinator for %.0fs: leaving (orphan_after)", self.config.orphan_after_s
+                )
+                self.stop()
             if gone is not None and time.monotonic() - gone > self._lost_after_s:
                 if self._running or self._queue:
                     log.warning(
@@ -320,6 +339,7 @@ class Agent:
                 await asyncio.wait({task})
             finally:
                 self._running.pop(assignment.lease_id, None)
+                self._changed.set()
                 if not task.done():
                     task.cancel()
 
@@ -357,7 +377,7 @@ class Agent:
         """Send on the next loop turn, so everything finished meanwhile shares one frame."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+            asyncio.get_running_loop().call_soon(lambda: self._background(self._flush()))
 
     async def _flush(self) -> None:
         self._flush_scheduled = False

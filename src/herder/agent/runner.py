@@ -54,7 +54,8 @@ class Slot:
     async def run(self, task: protocol.Assignment) -> dict[str, Any]:
         """Run ``task``; returns the worker's outcome map (never raises for task faults)."""
         await self._ensure()
-        assert self._reader is not None and self._writer is not None
+        assert self._reader is not None
+        assert self._writer is not None
         frame = {
             "kind": task.kind,
             "payload": task.payload,

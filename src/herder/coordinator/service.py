@@ -102,6 +102,7 @@ class Coordinator:
         self._submissions: list[tuple[Submission, asyncio.Future[None]]] = []
         self._released: list[tuple[str, str]] = []
         self._stopping = asyncio.Event()
+        self._acked = asyncio.Event()
         self._stopped = asyncio.Event()
         self._ready = asyncio.Event()
         self._orphan_deadline: dict[str, float] = {}
@@ -228,9 +229,8 @@ class Coordinator:
             agent.draining = True
             with contextlib.suppress(Exception):
                 await agent.send(protocol.Drain())
-        deadline = time.monotonic() + self.settings.timeouts.shutdown_grace_s
-        while time.monotonic() < deadline and any(a.outstanding for a in self.agents.values()):
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wait_drained(), self.settings.timeouts.shutdown_grace_s)
         left = sum(len(a.outstanding) for a in self.agents.values())
         log.info("shutdown 3/5: %d leases still out after the grace period", left)
         await self.fleet.stop_all(grace=self.settings.timeouts.shutdown_grace_s)
@@ -246,6 +246,11 @@ class Coordinator:
             with contextlib.suppress(Exception):
                 await client.ws.close(1001, "coordinator shutting down")
         log.info("shutdown 5/5: connections closed")
+
+    async def _wait_drained(self) -> None:
+        while any(a.outstanding for a in self.agents.values()):
+            self._acked.clear()
+            await self._acked.wait()
 
     async def _recover(self) -> None:
         """After a (re)start: count the queue, and give known nodes time to come back."""
@@ -655,6 +660,7 @@ class Coordinator:
             for lid in acc + ref:
                 session.outstanding.pop(lid, None)
             self._spawn(session.send(protocol.Ack(accepted=acc, refused=ref)))
+            self._acked.set()
             if ref:
                 log.info("refused %d stale results from %s", len(ref), session.node_id)
 

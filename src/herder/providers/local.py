@@ -1,21 +1,31 @@
 """The ``local`` provider: agents as subprocesses of the coordinator's machine.
 
-The join token reaches the agent through its environment, never its argv,
+The join token reaches an agent through its environment, never its argv,
 so it does not show in ``ps``. Each agent logs to ``<home>/logs/<node>.log``.
+
+The provider writes the agents it started to ``<home>/local-agents.json``.
+A coordinator restarted after a crash reads it back and adopts the agents
+that still run (they reconnect by themselves), so ``--local N`` keeps N
+agents, not 2N, across a kill -9 of the coordinator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import json
 import os
 import secrets
 import signal
 import sys
 from pathlib import Path
 
+import psutil
+
 from .base import NodeHandle, Provider
+
+# An agent whose coordinator stays away this long exits (no orphans left behind).
+ORPHAN_AFTER_S = 120.0
 
 
 class LocalProvider(Provider):
@@ -26,18 +36,35 @@ class LocalProvider(Provider):
         self._slots = slots
         self._home = home
         self._env = env
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
-        self._prefix = f"local-{secrets.token_hex(3)}"
-        self._counter = itertools.count(1)
+        self._pids: dict[str, int] = {}
+        self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._registry = home / "local-agents.json"
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Take over agents a previous coordinator in this home started, if they still run."""
+        try:
+            recorded = json.loads(self._registry.read_text())
+        except (OSError, ValueError):
+            return
+        for node_id, pid in recorded.items():
+            if _is_our_agent(pid, node_id):
+                self._pids[node_id] = pid
+
+    def _save(self) -> None:
+        tmp = self._registry.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._pids))
+        os.replace(tmp, self._registry)
 
     async def spawn(self, count: int) -> list[NodeHandle]:
         logs = self._home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         handles = []
         for _ in range(count):
-            node_id = f"{self._prefix}-{next(self._counter)}"
+            node_id = f"local-{secrets.token_hex(4)}"
             env = {**self._env, "HERDER_JOIN": self._join}
-            with open(logs / f"{node_id}.log", "ab") as log:
+            log = await asyncio.to_thread(open, logs / f"{node_id}.log", "ab")
+            try:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
@@ -49,40 +76,87 @@ class LocalProvider(Provider):
                     str(self._slots),
                     "--provider",
                     self.name,
+                    "--orphan-after",
+                    str(ORPHAN_AFTER_S),
                     env=env,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
                 )
-            self._procs[node_id] = proc
+            finally:
+                log.close()
+            self._pids[node_id] = proc.pid
+            self._children[proc.pid] = proc
             handles.append(NodeHandle(node_id=node_id, provider=self.name, address=str(proc.pid)))
+        self._save()
         return handles
 
     async def terminate(self, node_id: str, grace: float) -> None:
-        proc = self._procs.pop(node_id, None)
-        if proc is None or proc.returncode is not None:
+        pid = self._pids.pop(node_id, None)
+        self._save()
+        if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
+            os.kill(pid, signal.SIGTERM)
+        if not await self._wait_gone(pid, grace):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+                os.killpg(pid, signal.SIGKILL)
+            await self._wait_gone(pid, 5.0)
+
+    async def _wait_gone(self, pid: int, within: float) -> bool:
+        child = self._children.get(pid)
+        if child is not None:
+            try:
+                await asyncio.wait_for(child.wait(), within)
+            except TimeoutError:
+                return False
+            self._children.pop(pid, None)
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while _alive(pid):
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def list_own(self) -> list[NodeHandle]:
         return [
-            NodeHandle(node_id=n, provider=self.name, address=str(p.pid))
-            for n, p in self._procs.items()
-            if p.returncode is None
+            NodeHandle(node_id=n, provider=self.name, address=str(pid))
+            for n, pid in self._pids.items()
+            if self._running(pid)
         ]
 
+    def _running(self, pid: int) -> bool:
+        child = self._children.get(pid)
+        if child is not None:
+            return child.returncode is None
+        return _alive(pid)
+
     async def reap(self) -> list[str]:
-        dead = [n for n, p in self._procs.items() if p.returncode is not None]
+        dead = [n for n, pid in self._pids.items() if not self._running(pid)]
         for node_id in dead:
-            proc = self._procs.pop(node_id)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # its task workers go with it
+            pid = self._pids.pop(node_id)
+            self._children.pop(pid, None)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # its task workers go with it
+        if dead:
+            self._save()
         return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _is_our_agent(pid: int, node_id: str) -> bool:
+    """Whether ``pid`` is still the agent we recorded (pids get reused)."""
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return "agent" in cmdline and node_id in cmdline

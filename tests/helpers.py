@@ -1,0 +1,71 @@
+"""Small helpers for tests that run real herds: reading the store, waiting, finding processes."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def db_rows(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Read the herd's SQLite store directly (the checker's view, not the API's)."""
+    conn = sqlite3.connect(home / "herd.db", timeout=10)
+    try:
+        return list(conn.execute(sql, args))
+    finally:
+        conn.close()
+
+
+def succeeded_attempts(home: Path) -> dict[str, int]:
+    """task id -> number of attempts recorded as succeeded (must be exactly 1)."""
+    rows = db_rows(
+        home, "SELECT task_id, count(*) FROM attempts WHERE outcome='succeeded' GROUP BY task_id"
+    )
+    return {tid: n for tid, n in rows}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 a process and everything under it (test cleanup)."""
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for proc in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def agent_pids(home: Path) -> list[int]:
+    """Pids of agents started for this herd home (by the local provider)."""
+    import json
+
+    try:
+        recorded: dict[str, int] = json.loads((home / "local-agents.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [pid for pid in recorded.values() if psutil.pid_exists(pid)]

@@ -1,0 +1,269 @@
+"""The Python client against a real herd: a coordinator process and local agents."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from tests.helpers import agent_pids, db_rows, succeeded_attempts, wait_for
+
+import herder
+from herder.client import AsyncClient, RemoteTraceback
+from herder.errors import SubmissionError, TaskCancelled, TaskError, TaskTimeout
+from herder.local import LocalHerd
+
+
+@pytest.fixture(scope="module")
+def herd_proc() -> Iterator[LocalHerd]:
+    proc = LocalHerd(nodes=2, slots=2)
+    proc.start()
+    proc.wait_nodes()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def herd(herd_proc: LocalHerd) -> herder.Client:
+    assert herd_proc.client is not None
+    return herd_proc.client
+
+
+class Boom(Exception):
+    """A user exception type that must come back as itself."""
+
+
+def fail_with_boom(x: int) -> None:
+    raise Boom(f"boom {x}")
+
+
+def test_submit_returns_the_result(herd: herder.Client) -> None:
+    assert herd.submit(pow, 2, 10).result(timeout=30) == 1024
+
+
+def test_map_keeps_order_across_batches(herd: herder.Client) -> None:
+    assert herd.map(lambda x: x * x, range(2500), batch_size=1000) == [x * x for x in range(2500)]
+
+
+def test_lambdas_and_closures_work(herd: herder.Client) -> None:
+    offset = 7
+
+    def shifted(x: int) -> int:
+        return x + offset
+
+    assert herd.submit(shifted, 1).result(timeout=30) == 8
+    assert herd.submit(lambda: offset * 6).result(timeout=30) == 42
+
+
+def test_a_future_argument_is_a_dependency(herd: herder.Client, herd_proc: LocalHerd) -> None:
+    f = herd.submit(pow, 2, 10)
+    g = herd.submit(lambda a, b: a + b, f, 1)
+    h = herd.submit(lambda xs: sum(xs), [f, g])
+    assert h.result(timeout=30) == 1024 + 1025
+    detail = herd.task(g.task_id)
+    assert detail["task"]["depends_on"] == [f.task_id]
+
+
+def test_dependency_by_task_id(herd: herder.Client) -> None:
+    first = herd.command(["sh", "-c", "sleep 0.2; echo one"])
+    second = herd.command(["echo", "two"], depends_on=[first.task_id])
+    assert second.result(timeout=30)["stdout_tail"] == "two\n"
+    a = herd.task(first.task_id)["task"]
+    b = herd.task(second.task_id)["task"]
+    assert b["started_at"] >= a["finished_at"]
+
+
+def test_unknown_dependency_is_refused_and_nothing_stored(herd: herder.Client) -> None:
+    before = herd.status()["counts"]
+    with pytest.raises(SubmissionError, match="t-nonexistent"):
+        herd.command(["true"], depends_on=["t-nonexistent"])
+    assert herd.status()["counts"] == before
+
+
+def test_exception_comes_back_with_its_type_and_remote_traceback(herd: herder.Client) -> None:
+    f = herd.submit(fail_with_boom, 3, retries=0)
+    with pytest.raises(Boom, match="boom 3") as info:
+        f.result(timeout=30)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "fail_with_boom" in info.value.__cause__.tb
+
+
+def test_failed_dependency_fails_dependents(herd: herder.Client) -> None:
+    bad = herd.submit(fail_with_boom, 1, retries=0)
+    child = herd.submit(lambda x: x, bad)
+    with pytest.raises(herder.DependencyFailed):
+        child.result(timeout=30)
+    assert herd.task(child.task_id)["task"]["reason"] == "dependency failed"
+
+
+def test_retries_run_the_task_again(herd: herder.Client, tmp_path: Path) -> None:
+    marker = tmp_path / "tries"
+
+    def flaky() -> int:
+        with open(marker, "a") as fh:
+            fh.write("x")
+        if len(marker.read_text()) < 3:
+            raise RuntimeError("not yet")
+        return len(marker.read_text())
+
+    assert herd.submit(flaky, retries=2).result(timeout=30) == 3
+    f = herd.submit(fail_with_boom, 0, retries=1)
+    with pytest.raises(Boom):
+        f.result(timeout=30)
+    assert len(herd.task(f.task_id)["attempts"]) == 2
+
+
+def test_command_output_and_failure(herd: herder.Client) -> None:
+    out = herd.command(["sh", "-c", "echo out; echo err >&2"]).result(timeout=30)
+    assert out["returncode"] == 0
+    assert out["stdout_tail"] == "out\n"
+    assert out["stderr_tail"] == "err\n"
+    failing = herd.command("echo bad >&2; exit 3", retries=0)
+    with pytest.raises(TaskError, match="exited with code 3") as info:
+        failing.result(timeout=30)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "bad" in info.value.__cause__.tb
+
+
+def test_argv_reaches_the_program_verbatim(herd: herder.Client) -> None:
+    tricky = "$(touch /tmp/pwned); `id` && echo; 'quoted' \"double\" *"
+    out = herd.command(["printf", "%s", tricky]).result(timeout=30)
+    assert out["stdout_tail"] == tricky
+
+
+def _processes_with(marker: str) -> list[psutil.Process]:
+    """Processes carrying HERDER_TEST_MARKER=marker in their environment (children inherit it)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("HERDER_TEST_MARKER") == marker:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_timeout_kills_the_whole_process_group(herd: herder.Client) -> None:
+    marker = f"herder-timeout-{uuid.uuid4().hex}"
+    f = herd.command(
+        ["sh", "-c", "sleep 300 & sleep 300; wait"],
+        env={"HERDER_TEST_MARKER": marker},
+        timeout=2,
+        retries=0,
+    )
+    wait_for(lambda: len(_processes_with(marker)) >= 3, 15, "the task and its children to start")
+    with pytest.raises(TaskTimeout):
+        f.result(timeout=30)
+    wait_for(lambda: not _processes_with(marker), 5, "the timed-out processes to be gone")
+    assert herd.task(f.task_id)["task"]["reason"] == "timeout"
+
+
+def test_cancel_kills_a_running_task(herd: herder.Client) -> None:
+    marker = f"herder-cancel-{uuid.uuid4().hex}"
+    f = herd.command(["sleep", "300"], env={"HERDER_TEST_MARKER": marker}, retries=0)
+    wait_for(lambda: _processes_with(marker), 15, "the task to start")
+    assert herd.cancel(f) == [f.task_id]
+    with pytest.raises(TaskCancelled):
+        f.result(timeout=30)
+    wait_for(lambda: not _processes_with(marker), 5, "the cancelled process to be gone")
+    assert herd.task(f.task_id)["task"]["state"] == "cancelled"
+
+
+def test_cancel_a_waiting_task_and_its_dependents(herd: herder.Client) -> None:
+    gate = herd.command(["sleep", "1"])
+    waiting = herd.command(["true"], depends_on=[gate])
+    child = herd.command(["true"], depends_on=[waiting])
+    herd.cancel(waiting)
+    with pytest.raises(TaskCancelled):
+        waiting.result(timeout=30)
+    with pytest.raises(herder.DependencyFailed):
+        child.result(timeout=30)
+    gate.result(timeout=30)
+
+
+def test_priorities_order_the_queue(herd_proc: LocalHerd) -> None:
+    """With every slot busy, the highest priority waiting task runs first."""
+    herd = herd_proc.client
+    assert herd is not None
+    blockers = [herd.command(["sleep", "1.5"]) for _ in range(12)]
+    low = herd.command(["true"], priority=-5)
+    high = herd.command(["true"], priority=50)
+    low.result(timeout=60)
+    high.result(timeout=60)
+    for b in blockers:
+        b.result(timeout=60)
+    started = {
+        tid: s
+        for tid, s in db_rows(
+            herd_proc.home,
+            "SELECT id, started_at FROM tasks WHERE id IN (?, ?)",
+            low.task_id,
+            high.task_id,
+        )
+    }
+    assert started[high.task_id] <= started[low.task_id]
+
+
+def test_each_result_is_recorded_once(herd: herder.Client, herd_proc: LocalHerd) -> None:
+    herd.map(abs, range(300))
+    counts = succeeded_attempts(herd_proc.home)
+    assert counts
+    assert max(counts.values()) == 1
+
+
+def test_async_client(herd_proc: LocalHerd) -> None:
+    async def main() -> tuple[int, list[int]]:
+        client = await AsyncClient.open(env=herd_proc.env())
+        async with client:
+            one = await client.submit(pow, 3, 3)
+            many = await asyncio.gather(*(client.submit(abs, -i) for i in range(50)))
+            return one, list(many)
+
+    one, many = asyncio.run(main())
+    assert one == 27
+    assert many == list(range(50))
+
+
+def test_connect_reads_url_and_token_from_the_environment(herd_proc: LocalHerd) -> None:
+    import subprocess
+    import sys
+
+    token = subprocess.run(
+        [sys.executable, "-m", "herder", "token"],
+        env=herd_proc.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert "@https://127.0.0.1:" in token
+    env = {
+        "HERDER_TOKEN": token,
+        "HOME": os.environ.get("HOME", "/root"),
+        "HERDER_HOME": "/nonexistent",
+    }
+    with herder.connect(env=env) as other:
+        assert other.submit(pow, 2, 5).result(timeout=30) == 32
+
+
+def test_local_agents_are_replaced_within_5s(herd_proc: LocalHerd) -> None:
+    herd = herd_proc.client
+    assert herd is not None
+    pids = agent_pids(herd_proc.home)
+    assert len(pids) == 2
+    victim = pids[0]
+    os.kill(victim, 9)
+    killed_at = time.monotonic()
+    wait_for(
+        lambda: len([p for p in agent_pids(herd_proc.home) if p != victim]) == 2,
+        5,
+        "a replacement agent",
+    )
+    herd_proc.wait_nodes(2, timeout=max(0.1, 5 - (time.monotonic() - killed_at)))
+    assert herd.submit(pow, 2, 2).result(timeout=30) == 4
