@@ -34,10 +34,11 @@ class LocalHerd:
         slots: int = 1,
         home: Path | None = None,
         store: str | None = None,
+        listen: str = "127.0.0.1:0",
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         ready_timeout: float = 30.0,
-        log: IO[Any] | int | None = subprocess.DEVNULL,
+        log: IO[Any] | int | None = None,
     ) -> None:
         self._tmp = None if home is not None else tempfile.TemporaryDirectory(prefix="herder-")
         self.home = home if home is not None else Path(self._tmp.name)  # type: ignore[union-attr]
@@ -52,7 +53,7 @@ class LocalHerd:
             "--slots",
             str(slots),
             "--listen",
-            "127.0.0.1:0",
+            listen,
             *(["--store", store] if store else []),
             *(extra_args or []),
         ]
@@ -69,9 +70,13 @@ class LocalHerd:
         return self.home / "coordinator.json"
 
     def start(self) -> Client:
-        self.process = subprocess.Popen(
-            self._args, env=self._env, stdout=self._log, stderr=self._log, start_new_session=True
-        )
+        """Start the coordinator (its log goes to ``<home>/coordinator.log``) and connect."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "coordinator.log", "ab") as log_file:
+            out = self._log if self._log is not None else log_file
+            self.process = subprocess.Popen(
+                self._args, env=self._env, stdout=out, stderr=out, start_new_session=True
+            )
         self.url = self.wait_coordinator(self._ready_timeout)
         self.client = Client(env=self._env)
         return self.client

@@ -669,22 +669,28 @@ class Coordinator:
         period = min(0.5, self.settings.timeouts.lost_after_s / 4)
         while True:
             await asyncio.sleep(period)
-            now_m = time.monotonic()
-            lost_after = self.settings.timeouts.lost_after_s
-            for agent in list(self.agents.values()):
-                if now_m - agent.last_heard > lost_after:
-                    log.warning(
-                        "agent %s silent for %.1fs: lost", agent.node_id, now_m - agent.last_heard
-                    )
-                    agent.closed = True
-                    del self.agents[agent.node_id]
-                    with contextlib.suppress(Exception):
-                        await agent.ws.close(4408, "heartbeat lost")
-                    await self.mark_lost(agent.node_id, Reason.LOST_HEARTBEAT)
-            for node_id, deadline in list(self._orphan_deadline.items()):
-                if now_m > deadline and node_id not in self.agents:
-                    del self._orphan_deadline[node_id]
-                    await self.mark_lost(node_id, Reason.LOST_HEARTBEAT)
+            try:
+                await self._expire()
+            except StoreError as exc:  # the store is down for a while: try again next pass
+                log.error("lease expiry postponed: %s", exc)
+
+    async def _expire(self) -> None:
+        now_m = time.monotonic()
+        lost_after = self.settings.timeouts.lost_after_s
+        for agent in list(self.agents.values()):
+            if now_m - agent.last_heard > lost_after:
+                log.warning(
+                    "agent %s silent for %.1fs: lost", agent.node_id, now_m - agent.last_heard
+                )
+                agent.closed = True
+                del self.agents[agent.node_id]
+                with contextlib.suppress(Exception):
+                    await agent.ws.close(4408, "heartbeat lost")
+                await self.mark_lost(agent.node_id, Reason.LOST_HEARTBEAT)
+        for node_id, deadline in list(self._orphan_deadline.items()):
+            if now_m > deadline and node_id not in self.agents:
+                del self._orphan_deadline[node_id]
+                await self.mark_lost(node_id, Reason.LOST_HEARTBEAT)
 
     async def mark_lost(self, node_id: str, reason: str) -> None:
         """A node is gone: record it and requeue its leases (attempt charged)."""
@@ -699,12 +705,15 @@ class Coordinator:
         """Keep the local agents at the desired count; a dead one is replaced at once."""
         while True:
             if not self.is_stopping:
-                for exited in await self.fleet.reconcile():
-                    agent = self.agents.pop(exited, None)
-                    if agent is not None:
-                        agent.closed = True
-                    self._orphan_deadline.pop(exited, None)
-                    await self.mark_lost(exited, "process exited")
+                try:
+                    for exited in await self.fleet.reconcile():
+                        agent = self.agents.pop(exited, None)
+                        if agent is not None:
+                            agent.closed = True
+                        self._orphan_deadline.pop(exited, None)
+                        await self.mark_lost(exited, "process exited")
+                except StoreError as exc:
+                    log.error("fleet pass postponed: %s", exc)
             await asyncio.sleep(self.settings.timeouts.replace_check_s)
 
 
