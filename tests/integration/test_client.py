@@ -11,12 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from tests.helpers import agent_pids, db_rows, succeeded_attempts, wait_for
 
 import herder
 from herder.client import AsyncClient, RemoteTraceback
 from herder.errors import SubmissionError, TaskCancelled, TaskError, TaskTimeout
 from herder.local import LocalHerd
+from tests.helpers import agent_pids, db_rows, succeeded_attempts, wait_for
 
 
 @pytest.fixture(scope="module")
