@@ -279,6 +279,10 @@ def report(h: dict[str, float], b: dict[str, float], sizes: Sizes) -> dict[str, 
     return passed
 
 
+def say(text: str) -> None:
+    console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False)
+
+
 def herder_warnings(log_path: Path) -> list[str]:
     keys = ("WARNING", "ERROR", "CRITICAL", "Traceback", "Exception")
     lines = log_path.read_text(errors="replace").splitlines()
@@ -300,12 +304,19 @@ def main() -> int:
         try:
             with log_path.open("w") as log:
                 for k in range(repeat):
-                    console.print(f"run {k + 1}/{repeat}: herder...", highlight=False)
+                    say(f"run {k + 1}/{repeat}: herder on 2 agents")
                     h = herder_run(sizes, log, problems)
+                    say(f"run {k + 1}/{repeat}: herder with {sizes.queued:,} queued")
                     h |= queued_rss(sizes, log, problems)
-                    console.print(f"run {k + 1}/{repeat}: ProcessPoolExecutor...", highlight=False)
+                    say(f"run {k + 1}/{repeat}: ProcessPoolExecutor")
                     runs["herder"].append(h)
                     runs["pool"].append(pool_run(sizes))
+        except BaseException:
+            console.print("[red]failed; herder's log ends with:[/red]")
+            console.print("\n".join(log_path.read_text().splitlines()[-40:]), highlight=False)
+            for line in problems:
+                console.print(f"[yellow]{line}[/yellow]", highlight=False)
+            raise
         finally:
             kill_descendants()
         warnings = herder_warnings(log_path)

@@ -182,7 +182,10 @@ def agent(
     name: Annotated[str | None, typer.Option(envvar="HERDER_NODE_NAME")] = None,
     prefetch: Annotated[
         int | None,
-        typer.Option(envvar="HERDER_PREFETCH", help="Tasks queued on the node beyond its slots."),
+        typer.Option(
+            envvar="HERDER_PREFETCH",
+            help="Tasks queued beyond the slots (default: adapts to task length).",
+        ),
     ] = None,
     provider: Annotated[str, typer.Option(hidden=True)] = "joined",
     orphan_after: Annotated[
@@ -223,7 +226,7 @@ def agent(
         node_id=node_id or new_id("n"),
         name=name or socket.gethostname(),
         slots=slots,
-        prefetch=prefetch if prefetch is not None else max(2, slots * 2),
+        prefetch=prefetch,
         labels=labels,
         provider=provider,
         orphan_after_s=orphan_after,

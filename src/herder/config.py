@@ -37,8 +37,6 @@ class Settings:
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
     advertise_url: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
-    prefetch_per_slot: int = 64
-    result_batch_ms: float = 2.0
 
     @property
     def secret_path(self) -> Path:
@@ -93,7 +91,7 @@ _ENV_KEYS = {
     "HERDER_ADVERTISE_URL": "advertise_url",
 }
 _TIMEOUT_KEYS = {f.name for f in fields(Timeouts)}
-_TOP_KEYS = {"store_url", "listen", "advertise_url", "prefetch_per_slot", "result_batch_ms"}
+_TOP_KEYS = {"store_url", "listen", "advertise_url"}
 
 
 def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:

@@ -138,7 +138,8 @@ class Reason(enum.StrEnum):
 # ---------------------------------------------------------------------------
 # Identifiers
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_ID_RE = re.compile(ID_PATTERN)
 
 
 def new_id(prefix: str) -> str:
@@ -192,7 +193,7 @@ class TaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: Annotated[str, Field(min_length=1, max_length=128)]
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
     kind: Literal["call", "command"]
     name: str | None = Field(default=None, max_length=256)
     payload: bytes | None = None
@@ -203,11 +204,6 @@ class TaskSpec(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)
     labels: Labels = Field(default_factory=dict)
     run_on_failure: bool = False
-
-    @field_validator("id")
-    @classmethod
-    def _id_shape(cls, value: str) -> str:
-        return valid_id(value, "id")
 
     @model_validator(mode="after")
     def _kind_matches_body(self) -> TaskSpec:

@@ -60,6 +60,7 @@ class Proof(_Msg):
 class Heartbeat(_Msg):
     t: Literal["hb"] = "hb"
     leases: list[str] = Field(default_factory=list)
+    prefetch: int | None = Field(default=None, ge=0, le=100_000)
 
 
 class Started(_Msg):
@@ -84,6 +85,7 @@ class ResultItem(_Msg):
 class Results(_Msg):
     t: Literal["results"] = "results"
     items: list[ResultItem]
+    prefetch: int | None = Field(default=None, ge=0, le=100_000)
 
 
 class Release(_Msg):

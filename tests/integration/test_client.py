@@ -188,27 +188,27 @@ def test_cancel_a_waiting_task_and_its_dependents(herd: herder.Client) -> None:
     gate.result(timeout=30)
 
 
-def test_priorities_order_the_queue(herd_proc: LocalHerd) -> None:
-    """With every slot busy, the highest priority waiting task runs first."""
-    herd = herd_proc.client
-    assert herd is not None
-    blockers = [herd.command(["sleep", "1.5"]) for _ in range(12)]
-    low = herd.command(["true"], priority=-5)
-    high = herd.command(["true"], priority=50)
-    low.result(timeout=60)
-    high.result(timeout=60)
-    for b in blockers:
-        b.result(timeout=60)
-    started = {
-        tid: s
-        for tid, s in db_rows(
-            herd_proc.home,
-            "SELECT id, started_at FROM tasks WHERE id IN (?, ?)",
-            low.task_id,
-            high.task_id,
+def test_priorities_order_the_queue(tmp_path: Path) -> None:
+    """With the only slot busy, the highest priority waiting task runs first."""
+    env = {**os.environ, "HERDER_PREFETCH": "0"}  # nothing queued on the node itself
+    with LocalHerd(nodes=1, slots=1, home=tmp_path, env=env) as herd:
+        blocker = herd.command(["sleep", "1"])
+        wait_for(lambda: herd.task(blocker.task_id)["task"]["state"] == "running", 15, "start")
+        low = herd.command(["true"], priority=-5)
+        mid = herd.command(["true"])
+        high = herd.command(["true"], priority=50)
+        for f in (blocker, low, mid, high):
+            f.result(timeout=60)
+        started = dict(
+            db_rows(
+                tmp_path,
+                "SELECT id, started_at FROM tasks WHERE id IN (?, ?, ?)",
+                low.task_id,
+                mid.task_id,
+                high.task_id,
+            )
         )
-    }
-    assert started[high.task_id] <= started[low.task_id]
+        assert started[high.task_id] < started[mid.task_id] < started[low.task_id]
 
 
 def test_each_result_is_recorded_once(herd: herder.Client, herd_proc: LocalHerd) -> None:

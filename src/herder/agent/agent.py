@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import socket
@@ -37,6 +38,10 @@ from .runner import Slot
 log = logging.getLogger("herder.agent")
 
 STARTED_REPORT_DELAY_S = 0.05
+# Adaptive prefetch: keep about this much work queued per slot beyond what runs,
+# so short tasks never wait for a round trip and long ones are not hoarded.
+QUEUED_WORK_PER_SLOT_S = 0.05
+MAX_PREFETCH = 512
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class AgentConfig:
     node_id: str
     name: str
     slots: int = 1
-    prefetch: int = 64
+    prefetch: int | None = None  # tasks queued beyond the slots; None adapts to task length
     labels: dict[str, str] = field(default_factory=dict)
     provider: str = "joined"
     reconnect_max_s: float = 5.0
@@ -74,9 +79,28 @@ class Agent:
         self._stopping = asyncio.Event()
         self._changed = asyncio.Event()  # something ran to its end or was acknowledged
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._avg_task_s: float | None = None
         self._lost_after_s = 5.0
         self._heartbeat_s = 1.0
         self._disconnected_at: float | None = time.monotonic()
+
+    def _prefetch(self) -> int:
+        """How many tasks to hold queued beyond the slots.
+
+        Fixed when configured; else enough for ``QUEUED_WORK_PER_SLOT_S`` of
+        work per slot at the recent average task length (an EWMA).
+        """
+        if self.config.prefetch is not None:
+            return self.config.prefetch
+        if self._avg_task_s is None:
+            return 2 * self.config.slots
+        per_slot = math.ceil(QUEUED_WORK_PER_SLOT_S / max(self._avg_task_s, 1e-5))
+        return max(1, min(MAX_PREFETCH, per_slot * self.config.slots))
+
+    def _observe(self, seconds: float) -> None:
+        self._avg_task_s = (
+            seconds if self._avg_task_s is None else 0.8 * self._avg_task_s + 0.2 * seconds
+        )
 
     def stop(self) -> None:
         """Leave after finishing running tasks (idempotent)."""
@@ -163,7 +187,7 @@ class Agent:
                     node_id=self.config.node_id,
                     name=self.config.name,
                     slots=self.config.slots,
-                    prefetch=self.config.prefetch,
+                    prefetch=self._prefetch(),
                     labels=self.config.labels,
                     host=socket.gethostname(),
                     pid=os.getpid(),
@@ -301,7 +325,9 @@ class Agent:
     async def _heartbeat_loop(self, ws: ClientConnection) -> None:
         while True:
             leases = [*self._running, *(a.lease_id for a in self._queue)]
-            await ws.send(protocol.encode(protocol.Heartbeat(leases=leases)))
+            await ws.send(
+                protocol.encode(protocol.Heartbeat(leases=leases, prefetch=self._prefetch()))
+            )
             await asyncio.sleep(self._heartbeat_s)
 
     async def _watchdog(self) -> None:
@@ -346,12 +372,14 @@ class Agent:
     async def _execute(self, slot: Slot, a: protocol.Assignment) -> None:
         loop = asyncio.get_running_loop()
         handle = loop.call_later(STARTED_REPORT_DELAY_S, self._report_started, a)
+        began = time.monotonic()
         try:
             out = await slot.run(a)
         except asyncio.CancelledError:
             out = {"state": "cancelled", "reason": "cancelled"}
         finally:
             handle.cancel()
+        self._observe(time.monotonic() - began)
         item = protocol.ResultItem(
             task_id=a.task_id,
             lease_id=a.lease_id,
@@ -389,7 +417,7 @@ class Agent:
             messages.append(protocol.Started(leases=self._out_started, at=time.time()))
             self._out_started = []
         if self._out_results:
-            messages.append(protocol.Results(items=self._out_results))
+            messages.append(protocol.Results(items=self._out_results, prefetch=self._prefetch()))
             self._out_results = []
         if messages:
             with contextlib.suppress(websockets.WebSocketException):

@@ -504,6 +504,8 @@ class Coordinator:
         return session
 
     async def _on_agent_message(self, session: AgentSession, msg: Any) -> None:
+        if isinstance(msg, (protocol.Heartbeat, protocol.Results)) and msg.prefetch is not None:
+            session.prefetch = msg.prefetch
         if isinstance(msg, protocol.Heartbeat):
             stale = [lid for lid in msg.leases if lid not in session.outstanding]
             if stale:
@@ -554,7 +556,12 @@ class Coordinator:
             submissions, self._submissions = self._submissions, []
             if submissions:
                 self._ready_hint += sum(len(sub.specs) for sub, _ in submissions)
-            requests = self._claim_requests()
+            finishing: dict[str, int] = {}
+            for session, its in batch:
+                finishing[session.node_id] = finishing.get(session.node_id, 0) + sum(
+                    1 for i in its if i.lease_id in session.outstanding
+                )
+            requests = self._claim_requests(finishing)
             items = [_task_result(i) for _, its in batch for i in its]
             if not (items or started or released or requests or submissions):
                 continue
@@ -578,7 +585,8 @@ class Coordinator:
                 else:
                     self._ready_hint -= len(sub.specs)
                     done.set_exception(error)
-            self._ack(batch, changes)
+            outbox: dict[AgentSession, list[protocol._Msg]] = {}
+            self._ack(batch, changes, outbox)
             self._apply(changes)
             for req in requests:
                 got = claimed.get(req.node_id, [])
@@ -589,7 +597,9 @@ class Coordinator:
                     self._wake.set()
                 agent = self.agents.get(req.node_id)
                 if got and agent is not None:
-                    self._assign(agent, got)
+                    outbox.setdefault(agent, []).append(self._assign(agent, got))
+            for session, messages in outbox.items():  # one frame per agent per turn
+                self._spawn(session.send(*messages))
 
     def _requeue_turn(
         self,
@@ -613,45 +623,45 @@ class Coordinator:
             done.set_exception(SubmissionError(f"store unavailable: {exc}", status=503))
         self._wake.set()
 
-    def _claim_requests(self) -> list[ClaimRequest]:
+    def _claim_requests(self, finishing: dict[str, int]) -> list[ClaimRequest]:
+        """What each agent can take, counting the slots this turn's results free up."""
         if self.is_stopping or self._ready_hint <= 0:
             return []
-        return [
-            ClaimRequest(
-                agent.node_id,
-                [k for k in self._known_ckeys if labels_match(k, agent.labels)],
-                agent.free,
-            )
-            for agent in self.agents.values()
-            if agent.free > 0
-        ]
+        requests = []
+        for agent in self.agents.values():
+            if agent.draining or agent.closed:
+                continue
+            free = agent.capacity - len(agent.outstanding) + finishing.get(agent.node_id, 0)
+            if free > 0:
+                keys = [k for k in self._known_ckeys if labels_match(k, agent.labels)]
+                requests.append(ClaimRequest(agent.node_id, keys, free))
+        return requests
 
-    def _assign(self, agent: AgentSession, claimed: list[Claimed]) -> None:
+    def _assign(self, agent: AgentSession, claimed: list[Claimed]) -> protocol.Assign:
         self._dispatched += len(claimed)
         for c in claimed:
             agent.outstanding[c.lease_id] = c.task_id
-        self._spawn(
-            agent.send(
-                protocol.Assign(
-                    tasks=[
-                        protocol.Assignment(
-                            task_id=c.task_id,
-                            lease_id=c.lease_id,
-                            attempt=c.attempt,
-                            kind=c.kind,  # type: ignore[arg-type]
-                            payload=c.payload,
-                            command=c.command,
-                            timeout_s=c.timeout_s,
-                            dep_results=c.dep_results,
-                        )
-                        for c in claimed
-                    ]
+        return protocol.Assign(
+            tasks=[
+                protocol.Assignment(
+                    task_id=c.task_id,
+                    lease_id=c.lease_id,
+                    attempt=c.attempt,
+                    kind=c.kind,  # type: ignore[arg-type]
+                    payload=c.payload,
+                    command=c.command,
+                    timeout_s=c.timeout_s,
+                    dep_results=c.dep_results,
                 )
-            )
+                for c in claimed
+            ]
         )
 
     def _ack(
-        self, batch: list[tuple[AgentSession, list[protocol.ResultItem]]], changes: Changes
+        self,
+        batch: list[tuple[AgentSession, list[protocol.ResultItem]]],
+        changes: Changes,
+        outbox: dict[AgentSession, list[protocol._Msg]],
     ) -> None:
         accepted, refused = set(changes.accepted), set(changes.refused)
         for session, its in batch:
@@ -659,7 +669,7 @@ class Coordinator:
             ref = [i.lease_id for i in its if i.lease_id in refused]
             for lid in acc + ref:
                 session.outstanding.pop(lid, None)
-            self._spawn(session.send(protocol.Ack(accepted=acc, refused=ref)))
+            outbox.setdefault(session, []).append(protocol.Ack(accepted=acc, refused=ref))
             self._acked.set()
             if ref:
                 log.info("refused %d stale results from %s", len(ref), session.node_id)

@@ -40,6 +40,7 @@ from herder.model import (
     check_node_transition,
     find_cycle,
     sources,
+    valid_id,
 )
 from herder.store import schema
 from herder.store.base import (
@@ -54,6 +55,8 @@ from herder.store.base import (
 
 T = TypeVar("T")
 _CHUNK = 2000  # bound on parameters in one IN (...) list
+_TEXT = 256  # width of the name and reason columns
+_CKEY = 1024  # width of the constraint key column
 _ACTIVE = [TaskState.LEASED.value, TaskState.RUNNING.value]
 _t = schema.tasks
 _d = schema.deps
@@ -91,6 +94,10 @@ class SqlStore(Store):
         self._async_engine: AsyncEngine | None = None
         self._write_thread: ThreadPoolExecutor | None = None
         self._read_threads: ThreadPoolExecutor | None = None
+        # Task order ("oldest first") follows ``seq``: wall-clock nanoseconds,
+        # kept strictly increasing here so that batches committed by this
+        # process never interleave, even if the clock steps back.
+        self._last_seq = 0
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -98,9 +105,12 @@ class SqlStore(Store):
         if self._writer is not None:
             return
         if self.is_sqlite:
-            path = self.url.removeprefix("sqlite:///")
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = self._sync_url.removeprefix("sqlite+pysqlite:///")
+            if path in ("", ":memory:"):
+                self._open_memory()
+                await self._write(self._migrate)
+                return
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._writer = sa.create_engine(
                 self._sync_url,
                 pool_size=1,
@@ -120,6 +130,22 @@ class SqlStore(Store):
         else:
             self._async_engine = create_async_engine(self._async_url, pool_size=8, max_overflow=8)
         await self._write(self._migrate)
+
+    def _open_memory(self) -> None:
+        """An in-memory SQLite database lives in one connection and dies with it.
+
+        Separate reader and writer pools would each open an empty database of
+        their own, so reads share the writer's one connection and thread.
+        """
+        self._writer = sa.create_engine(
+            self._sync_url,
+            poolclass=sa.pool.StaticPool,
+            connect_args={"check_same_thread": False},
+        )
+        _sqlite_pragmas(self._writer, immediate=True)
+        self._reader = self._writer
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="herder-store-write")
+        self._read_threads = self._write_thread
 
     def _migrate(self, conn: Connection) -> None:
         schema.metadata.create_all(conn)
@@ -208,6 +234,20 @@ class SqlStore(Store):
         job_id, job_name, specs = sub.job_id, sub.job_name, sub.specs
         if not specs:
             raise SubmissionError("the submission holds no tasks", job_id=job_id)
+        try:
+            valid_id(job_id, "job_id")
+        except ValueError as exc:
+            raise SubmissionError(str(exc), job_id=job_id) from exc
+        if job_name is not None and len(job_name) > _TEXT:
+            raise SubmissionError(f"job_name must be at most {_TEXT} characters", job_id=job_id)
+        for s in specs:
+            # Checked here, not left to the column: on PostgreSQL an overlong
+            # value would fail the whole cycle (other batches, results, claims).
+            if len(s.constraint_key()) > _CKEY:
+                raise SubmissionError(
+                    f"task {s.id}: labels must fit in {_CKEY} characters as key=value pairs",
+                    task_id=s.id,
+                )
         ids = [s.id for s in specs]
         in_batch = set(ids)
         if len(in_batch) != len(ids):
@@ -238,7 +278,8 @@ class SqlStore(Store):
                 self._insert_ignore(schema.jobs),
                 [{"id": job_id, "name": job_name, "created_at": now}],
             )
-            seq0 = time.time_ns()
+            seq0 = max(time.time_ns(), self._last_seq + 1)
+            self._last_seq = seq0 + len(specs)
             rows: list[dict[str, Any]] = []
             dep_rows: list[dict[str, str]] = []
             doomed: list[str] = []
@@ -377,7 +418,9 @@ class SqlStore(Store):
             for req in claims:
                 got = self._claim(conn, req, now)
                 if got:
-                    claimed[req.node_id] = got
+                    # extend, not assign: a second request for the same node in
+                    # one cycle must not hide the leases of the first
+                    claimed.setdefault(req.node_id, []).extend(got)
 
         await self._write(_tx)
         return changes, claimed, errors
@@ -385,12 +428,34 @@ class SqlStore(Store):
     def _claim(self, conn: Connection, req: ClaimRequest, now: float) -> list[Claimed]:
         if req.limit <= 0 or not req.constraint_keys:
             return []
-        pick = (
-            sa.select(_t.c.id)
-            .where(_t.c.state == TaskState.READY.value, _t.c.ckey.in_(req.constraint_keys))
-            .order_by(_t.c.priority.desc(), _t.c.seq)
-            .limit(req.limit)
-        )
+        keys = sorted(set(req.constraint_keys))
+        if len(keys) == 1:
+            pick = (
+                sa.select(_t.c.id)
+                .where(_t.c.state == TaskState.READY.value, _t.c.ckey == keys[0])
+                .order_by(_t.c.priority.desc(), _t.c.seq)
+                .limit(req.limit)
+            )
+        else:
+            # ``ckey IN (...) ORDER BY priority, seq`` cannot be read off the
+            # index in order: the database would sort every ready task of those
+            # keys. Reading the head of each key's range and merging here costs
+            # ``limit`` rows per key, whatever the length of the queue.
+            heads: list[Any] = []
+            for key in keys:
+                heads.extend(
+                    conn.execute(
+                        sa.select(_t.c.id, _t.c.priority, _t.c.seq)
+                        .where(_t.c.state == TaskState.READY.value, _t.c.ckey == key)
+                        .order_by(_t.c.priority.desc(), _t.c.seq)
+                        .limit(req.limit)
+                    )
+                )
+            if not heads:
+                return []
+            heads.sort(key=lambda r: (-r.priority, r.seq))
+            best = [r.id for r in heads[: req.limit]]
+            pick = sa.select(_t.c.id).where(_t.c.id.in_(best), _t.c.state == TaskState.READY.value)
         if not self.is_sqlite:
             pick = pick.with_for_update(skip_locked=True)
         stmt = (
@@ -439,17 +504,25 @@ class SqlStore(Store):
     def _dep_results(
         self, conn: Connection, task_ids: Sequence[str]
     ) -> dict[str, dict[str, bytes]]:
-        out: dict[str, dict[str, bytes]] = {}
-        dep_t = _t.alias("dep")
+        # Two lookups by key rather than one join: given the join, SQLite
+        # starts from ``state = 'succeeded'`` (ix_tasks_state_seq) and reads
+        # every finished task in the table for each claim.
+        edges: list[tuple[str, str]] = []
         for chunk in _chunks(task_ids):
+            res = conn.execute(sa.select(_d.c.task_id, _d.c.dep_id).where(_d.c.task_id.in_(chunk)))
+            edges.extend((tid, did) for tid, did in res)
+        results: dict[str, bytes] = {}
+        for dchunk in _chunks(sorted({did for _, did in edges})):
             res = conn.execute(
-                sa.select(_d.c.task_id, _d.c.dep_id, dep_t.c.result)
-                .join(dep_t, dep_t.c.id == _d.c.dep_id)
-                .where(_d.c.task_id.in_(chunk), dep_t.c.state == TaskState.SUCCEEDED.value)
+                sa.select(_t.c.id, _t.c.result).where(
+                    _t.c.id.in_(dchunk), _t.c.state == TaskState.SUCCEEDED.value
+                )
             )
-            for tid, did, result in res:
-                if result is not None:
-                    out.setdefault(tid, {})[did] = result
+            results.update((did, result) for did, result in res if result is not None)
+        out: dict[str, dict[str, bytes]] = {}
+        for tid, did in edges:
+            if did in results:
+                out.setdefault(tid, {})[did] = results[did]
         return out
 
     async def mark_running(self, leases: list[tuple[str, str]], now: float) -> None:
@@ -484,12 +557,22 @@ class SqlStore(Store):
         attempt_rows: list[dict[str, Any]] = []
         succeeded: list[str] = []
         failed: list[str] = []
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # task id -> lease id recorded in this batch
+        resent: list[TaskResult] = []
         final_states = {s.value for s in FINAL_TASK_STATES}
         for r in results:
             row = current.get(r.task_id)
-            if row is None or row.lease_id != r.lease_id or r.task_id in seen:
+            if row is None or r.state not in FINAL_TASK_STATES:
                 changes.refused.append(r.lease_id)
+                continue
+            if r.task_id in seen:
+                # The same result twice in one batch is recorded once, acknowledged twice.
+                (changes.accepted if seen[r.task_id] == r.lease_id else changes.refused).append(
+                    r.lease_id
+                )
+                continue
+            if row.lease_id != r.lease_id:
+                resent.append(r)  # stale, unless recorded already and since retried
                 continue
             if row.state not in _ACTIVE:
                 # Already recorded under this lease (a resent result): acknowledge,
@@ -498,7 +581,7 @@ class SqlStore(Store):
                     r.lease_id
                 )
                 continue
-            seen.add(r.task_id)
+            seen[r.task_id] = r.lease_id
             changes.accepted.append(r.lease_id)
             attempt_rows.append(
                 {
@@ -510,7 +593,7 @@ class SqlStore(Store):
                     "started_at": row.started_at or r.started_at,
                     "ended_at": r.ended_at or now,
                     "outcome": r.state.value,
-                    "reason": r.reason,
+                    "reason": _clip(r.reason),
                     "error": r.error,
                 }
             )
@@ -523,7 +606,7 @@ class SqlStore(Store):
                     "tid": r.task_id,
                     "lid": r.lease_id,
                     "state": r.state.value,
-                    "reason": r.reason,
+                    "reason": _clip(r.reason),
                     "result": r.result,
                     "error": r.error,
                     "error_pickle": r.error_pickle,
@@ -536,7 +619,7 @@ class SqlStore(Store):
                 Final(
                     task_id=r.task_id,
                     state=r.state,
-                    reason=r.reason,
+                    reason=_clip(r.reason),
                     result=r.result,
                     error=r.error,
                     error_pickle=r.error_pickle,
@@ -565,17 +648,38 @@ class SqlStore(Store):
             conn.execute(
                 _t.update()
                 .where(_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
-                .values(state=TaskState.READY.value, node_id=None, lease_id=None),
+                .values(state=TaskState.READY.value, node_id=None, lease_id=None, started_at=None),
                 retried,
             )
             changes.newly_ready += len(retried)
             self._events(conn, now, [("task_retry", t["tid"], None, t["lid"], {}) for t in retried])
         if attempt_rows:
             conn.execute(_a.insert(), attempt_rows)
+        if resent:
+            self._ack_recorded(conn, resent, changes)
         if succeeded:
             self._release(conn, succeeded, changes)
         if failed:
             self._fail_dependents(conn, failed, now, changes)
+
+    def _ack_recorded(
+        self, conn: Connection, results: Sequence[TaskResult], changes: Changes
+    ) -> None:
+        """Acknowledge results whose lease is no longer current but whose outcome was recorded.
+
+        A failed attempt that was retried has handed its lease back; if the
+        agent missed the acknowledgement and resends, refusing would tell it
+        the result was lost when it is in fact on record (its attempts row).
+        """
+        recorded: dict[str, tuple[str, str | None]] = {}
+        for chunk in _chunks(sorted({r.lease_id for r in results})):
+            res = conn.execute(
+                sa.select(_a.c.lease_id, _a.c.task_id, _a.c.outcome).where(_a.c.lease_id.in_(chunk))
+            )
+            recorded.update((lid, (tid, outcome)) for lid, tid, outcome in res)
+        for r in results:
+            ok = recorded.get(r.lease_id) == (r.task_id, r.state.value)
+            (changes.accepted if ok else changes.refused).append(r.lease_id)
 
     def _lease_rows(self, conn: Connection, task_ids: Sequence[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -642,11 +746,18 @@ class SqlStore(Store):
         while frontier:
             doomed: list[str] = []
             tolerant: list[str] = []
+            # The dead tasks' own edges (ix_deps_dep), then those dependents by
+            # key. Not a join: SQLite would start from ``state = 'waiting'`` and
+            # read every waiting task in the table.
+            dependents: set[str] = set()
             for chunk in _chunks(frontier):
+                res = conn.execute(sa.select(_d.c.task_id).where(_d.c.dep_id.in_(chunk)))
+                dependents.update(r[0] for r in res)
+            for dchunk in _chunks(sorted(dependents)):
                 res = conn.execute(
-                    sa.select(_t.c.id, _t.c.run_on_failure)
-                    .join(_d, _d.c.task_id == _t.c.id)
-                    .where(_d.c.dep_id.in_(chunk), _t.c.state == TaskState.WAITING.value)
+                    sa.select(_t.c.id, _t.c.run_on_failure).where(
+                        _t.c.id.in_(dchunk), _t.c.state == TaskState.WAITING.value
+                    )
                 )
                 for tid, rof in res:
                     (tolerant if rof else doomed).append(tid)
@@ -723,9 +834,14 @@ class SqlStore(Store):
         changes = Changes()
 
         def _tx(conn: Connection) -> Any:
-            q = sa.select(_t.c.id, _t.c.lease_id, _t.c.attempt, _t.c.max_attempts).where(
-                _t.c.node_id == node_id, _t.c.state.in_(_ACTIVE)
-            )
+            q = sa.select(
+                _t.c.id,
+                _t.c.lease_id,
+                _t.c.attempt,
+                _t.c.max_attempts,
+                _t.c.leased_at,
+                _t.c.started_at,
+            ).where(_t.c.node_id == node_id, _t.c.state.in_(_ACTIVE))
             if not self.is_sqlite:
                 q = q.with_for_update()
             rows = [r for r in conn.execute(q) if r.lease_id not in keep]
@@ -737,7 +853,9 @@ class SqlStore(Store):
                 conn.execute(
                     _t.update()
                     .where(_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
-                    .values(state=TaskState.READY.value, node_id=None, lease_id=None),
+                    .values(
+                        state=TaskState.READY.value, node_id=None, lease_id=None, started_at=None
+                    ),
                     [{"tid": r.id, "lid": r.lease_id} for r in again],
                 )
                 changes.requeued.extend(r.id for r in again)
@@ -762,7 +880,9 @@ class SqlStore(Store):
             conn.execute(
                 _a.insert(),
                 [
-                    _attempt_row(r.id, r.lease_id, r.attempt, node_id, r, now, "lost", reason)
+                    _attempt_row(
+                        r.id, r.lease_id, r.attempt, node_id, r, now, "lost", _clip(reason)
+                    )
                     for r in rows
                 ],
             )
@@ -862,10 +982,9 @@ class SqlStore(Store):
                         finished_at=now,
                     )
                 )
-            changes.cancel_leases = [
-                (r.node_id, r.lease_id) for r in rows if r.state in _ACTIVE and r.node_id
-            ]
+            # a task named in task_ids and in job_id's job comes back twice: once here
             active = {r.id: r for r in rows if r.state in _ACTIVE and r.lease_id}
+            changes.cancel_leases = [(r.node_id, r.lease_id) for r in active.values() if r.node_id]
             if active:
                 conn.execute(
                     _a.insert(),
@@ -931,7 +1050,15 @@ class SqlStore(Store):
                     page = q.where(
                         sa.or_(_t.c.seq > anchor, sa.and_(_t.c.seq == anchor, _t.c.id > after))
                     )
-            return [_task_record(r, []) for r in conn.execute(page)]
+            rows = list(conn.execute(page))
+            deps_of: dict[str, list[str]] = {r.id: [] for r in rows}
+            for chunk in _chunks(list(deps_of)):
+                res = conn.execute(
+                    sa.select(_d.c.task_id, _d.c.dep_id).where(_d.c.task_id.in_(chunk))
+                )
+                for tid, did in res:
+                    deps_of[tid].append(did)
+            return [_task_record(r, sorted(deps_of[r.id])) for r in rows]
 
         return await self._read(_tx)
 
@@ -1040,7 +1167,9 @@ class SqlStore(Store):
         def _tx(conn: Connection) -> Any:
             rows = list(
                 conn.execute(
-                    sa.select(schema.jobs).order_by(schema.jobs.c.created_at.desc()).limit(limit)
+                    sa.select(schema.jobs)
+                    .order_by(schema.jobs.c.created_at.desc(), schema.jobs.c.id)
+                    .limit(limit)
                 )
             )
             counts: dict[str, dict[str, int]] = {r.id: {} for r in rows}
@@ -1189,6 +1318,15 @@ class SqlStore(Store):
             ]
 
         return await self._read(_tx)
+
+
+def _clip(text: str | None) -> str | None:
+    """Fit agent-supplied text to its column.
+
+    PostgreSQL rejects an overlong value, which would fail the whole cycle
+    (every result and claim in it) again on each retry.
+    """
+    return text if text is None or len(text) <= _TEXT else text[: _TEXT - 3] + "..."
 
 
 def _attempt_row(
