@@ -936,10 +936,18 @@ def dags(draw: st.DrawFn) -> list[tuple[list[int], int, bool, int]]:
     return out
 
 
+_claim = st.tuples(st.just("claim"), st.sampled_from(NODES), st.integers(1, 3))
+_result = st.tuples(
+    st.sampled_from(["ok", "ok", "fail", "stale", "run", "release"]), st.integers(0, 9)
+)
+# one_of draws its branches evenly: repeats weight it towards progress
 operation = st.one_of(
     st.tuples(st.just("submit"), st.integers(0, 1)),
-    st.tuples(st.just("claim"), st.sampled_from(NODES), st.integers(1, 3)),
-    st.tuples(st.sampled_from(["ok", "ok", "fail", "stale", "run", "release"]), st.integers(0, 50)),
+    _claim,
+    _claim,
+    _result,
+    _result,
+    _result,
     st.tuples(st.just("requeue"), st.sampled_from(NODES)),
     st.tuples(st.just("cancel"), st.integers(0, N_TASKS - 1)),
 )
@@ -987,8 +995,9 @@ async def _run_random(
     if reset:
         await store._write(lambda conn: conn.exec_driver_sql("TRUNCATE " + ", ".join(TABLES)))
     try:
-        submitted: list[str] = []
-        n_batches = 0
+        await store.submit("j", None, batches[0], 1.0)
+        submitted: list[str] = [s.id for s in batches[0]]
+        n_batches = 1
         leases: list[Claimed] = []  # every lease ever handed out, stale ones included
         finished_attempts: dict[str, int] = {}  # final task -> attempts rows at that point
         now = 1.0
@@ -1017,7 +1026,7 @@ async def _run_random(
                 if f"t{op[1]}" in submitted:
                     await store.cancel([f"t{op[1]}"], None, now)
             elif leases:
-                c = leases[op[1] % len(leases)]
+                c = leases[-1 - op[1] % len(leases)]  # recent leases are likelier current
                 rec = await store.task(c.task_id)
                 assert rec is not None
                 current = rec.lease_id == c.lease_id and rec.state in (S.LEASED, S.RUNNING)
