@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -52,12 +51,12 @@ from herder.store.base import (
     Submission,
     TaskResult,
 )
+from herder.store.statements import ACTIVE, HotStatements
 
 T = TypeVar("T")
 _CHUNK = 2000  # bound on parameters in one IN (...) list
 _TEXT = 256  # width of the name and reason columns
 _CKEY = 1024  # width of the constraint key column
-_ACTIVE = [TaskState.LEASED.value, TaskState.RUNNING.value]
 _t = schema.tasks
 _d = schema.deps
 _a = schema.attempts
@@ -98,6 +97,7 @@ class SqlStore(Store):
         # kept strictly increasing here so that batches committed by this
         # process never interleave, even if the clock steps back.
         self._last_seq = 0
+        self._sql = HotStatements(is_sqlite=self.is_sqlite)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -203,20 +203,6 @@ class SqlStore(Store):
         except sa.exc.DBAPIError as exc:
             raise StoreError(f"store {'write' if write else 'read'} failed: {exc.orig}") from exc
 
-    def _insert_ignore(self, table: sa.Table) -> Any:
-        if self.is_sqlite:
-            return sqlite.insert(table).on_conflict_do_nothing()
-        return postgresql.insert(table).on_conflict_do_nothing()
-
-    def _random_lease(self) -> Any:
-        if self.is_sqlite:
-            return sa.func.lower(sa.func.hex(sa.func.randomblob(8)))
-        return sa.func.substr(
-            sa.func.md5(sa.func.random().cast(sa.Text) + sa.func.clock_timestamp().cast(sa.Text)),
-            1,
-            16,
-        )
-
     # --- submission ------------------------------------------------------------
 
     async def submit(
@@ -265,7 +251,7 @@ class SqlStore(Store):
                     return changes  # a retry of a batch that was committed: nothing to do
                 some = sorted(existing)[:5]
                 raise SubmissionError(f"task ids already stored: {', '.join(some)}", task_ids=some)
-            ext_state = self._states(conn, external, lock=True)
+            ext_state = self._states(conn, external)
             unknown = [d for d in external if d not in ext_state]
             if unknown:
                 who = next(s.id for s in specs if unknown[0] in s.depends_on)
@@ -274,10 +260,8 @@ class SqlStore(Store):
                     task_id=who,
                     unknown=unknown,
                 )
-            conn.execute(
-                self._insert_ignore(schema.jobs),
-                [{"id": job_id, "name": job_name, "created_at": now}],
-            )
+            job = {"id": job_id, "name": job_name, "created_at": now}
+            conn.execute(self._sql.insert_job, [job])
             seq0 = max(time.time_ns(), self._last_seq + 1)
             self._last_seq = seq0 + len(specs)
             rows: list[dict[str, Any]] = []
@@ -324,39 +308,34 @@ class SqlStore(Store):
                 if state is TaskState.READY:
                     changes.newly_ready += 1
             for chunk in _chunks(rows, 500):
-                conn.execute(_t.insert(), list(chunk))
+                conn.execute(self._sql.insert_tasks, list(chunk))
             for dchunk in _chunks(dep_rows, 5000):
-                conn.execute(_d.insert(), list(dchunk))
+                conn.execute(self._sql.insert_deps, list(dchunk))
             targets = sorted({r["dep_id"] for r in dep_rows})
             for tchunk in _chunks(targets):
-                conn.execute(_t.update().where(_t.c.id.in_(tchunk)).values(has_dependents=True))
+                conn.execute(self._sql.mark_dependents, {"ids": list(tchunk)})
             if doomed:
                 self._fail_waiting(conn, doomed, Reason.DEPENDENCY_FAILED, now, changes)
 
-        with conn.begin_nested():
-            _tx(conn)
+        # No savepoint: every refusal above is decided before the first write,
+        # so a refused batch has written nothing when it raises.
+        _tx(conn)
 
     def _existing(self, conn: Connection, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in _chunks(ids):
-            res = conn.execute(sa.select(_t.c.id).where(_t.c.id.in_(chunk)))
-            found.update(r[0] for r in res)
+            found.update(r[0] for r in conn.execute(self._sql.existing, {"ids": list(chunk)}))
         return found
 
-    def _states(
-        self, conn: Connection, ids: Sequence[str], *, lock: bool = False
-    ) -> dict[str, TaskState]:
-        """Current states; with ``lock`` the rows are share-locked on PostgreSQL.
+    def _states(self, conn: Connection, ids: Sequence[str]) -> dict[str, TaskState]:
+        """Current states, the rows share-locked on PostgreSQL.
 
         The share lock orders a submission against a concurrent completion of
         a dependency: whichever commits second sees the other's rows.
         """
         out: dict[str, TaskState] = {}
         for chunk in _chunks(ids):
-            q = sa.select(_t.c.id, _t.c.state).where(_t.c.id.in_(chunk))
-            if lock and not self.is_sqlite:
-                q = q.with_for_update(read=True)
-            for tid, st in conn.execute(q):
+            for tid, st in conn.execute(self._sql.states_locked, {"ids": list(chunk)}):
                 out[tid] = TaskState(st)
         return out
 
@@ -393,8 +372,8 @@ class SqlStore(Store):
         reported, then new leases.
 
         Doing all of it under one commit (one fsync) is what makes the queue
-        durable and fast at once. Each submission is all or nothing on its own
-        (a savepoint): a refused batch leaves no trace and does not stop the rest.
+        durable and fast at once. Each submission is all or nothing on its own:
+        a refused batch leaves no trace and does not stop the rest.
         """
         changes = Changes()
         claimed: dict[str, list[Claimed]] = {}
@@ -429,13 +408,10 @@ class SqlStore(Store):
         if req.limit <= 0 or not req.constraint_keys:
             return []
         keys = sorted(set(req.constraint_keys))
+        lease = {"node": req.node_id, "now": now}
         if len(keys) == 1:
-            pick = (
-                sa.select(_t.c.id)
-                .where(_t.c.state == TaskState.READY.value, _t.c.ckey == keys[0])
-                .order_by(_t.c.priority.desc(), _t.c.seq)
-                .limit(req.limit)
-            )
+            stmt = self._sql.claim_by_key
+            params: dict[str, Any] = {**lease, "key": keys[0], "limit": req.limit}
         else:
             # ``ckey IN (...) ORDER BY priority, seq`` cannot be read off the
             # index in order: the database would sort every ready task of those
@@ -443,46 +419,13 @@ class SqlStore(Store):
             # ``limit`` rows per key, whatever the length of the queue.
             heads: list[Any] = []
             for key in keys:
-                heads.extend(
-                    conn.execute(
-                        sa.select(_t.c.id, _t.c.priority, _t.c.seq)
-                        .where(_t.c.state == TaskState.READY.value, _t.c.ckey == key)
-                        .order_by(_t.c.priority.desc(), _t.c.seq)
-                        .limit(req.limit)
-                    )
-                )
+                heads.extend(conn.execute(self._sql.ready_head, {"key": key, "limit": req.limit}))
             if not heads:
                 return []
             heads.sort(key=lambda r: (-r.priority, r.seq))
-            best = [r.id for r in heads[: req.limit]]
-            pick = sa.select(_t.c.id).where(_t.c.id.in_(best), _t.c.state == TaskState.READY.value)
-        if not self.is_sqlite:
-            pick = pick.with_for_update(skip_locked=True)
-        stmt = (
-            _t.update()
-            .where(_t.c.id.in_(pick.scalar_subquery()))
-            .values(
-                state=TaskState.LEASED.value,
-                node_id=req.node_id,
-                attempt=_t.c.attempt + 1,
-                lease_id=self._random_lease(),
-                leased_at=now,
-                started_at=None,
-            )
-            .returning(
-                _t.c.id,
-                _t.c.lease_id,
-                _t.c.attempt,
-                _t.c.kind,
-                _t.c.payload,
-                _t.c.command,
-                _t.c.timeout_s,
-                _t.c.n_deps,
-                _t.c.seq,
-                _t.c.priority,
-            )
-        )
-        rows = list(conn.execute(stmt))
+            stmt = self._sql.claim_by_ids
+            params = {**lease, "ids": [r.id for r in heads[: req.limit]]}
+        rows = list(conn.execute(stmt, params))
         if not rows:
             return []
         rows.sort(key=lambda r: (-r.priority, r.seq))
@@ -509,15 +452,11 @@ class SqlStore(Store):
         # every finished task in the table for each claim.
         edges: list[tuple[str, str]] = []
         for chunk in _chunks(task_ids):
-            res = conn.execute(sa.select(_d.c.task_id, _d.c.dep_id).where(_d.c.task_id.in_(chunk)))
+            res = conn.execute(self._sql.dep_edges, {"ids": list(chunk)})
             edges.extend((tid, did) for tid, did in res)
         results: dict[str, bytes] = {}
         for dchunk in _chunks(sorted({did for _, did in edges})):
-            res = conn.execute(
-                sa.select(_t.c.id, _t.c.result).where(
-                    _t.c.id.in_(dchunk), _t.c.state == TaskState.SUCCEEDED.value
-                )
-            )
+            res = conn.execute(self._sql.dep_values, {"ids": list(dchunk)})
             results.update((did, result) for did, result in res if result is not None)
         out: dict[str, dict[str, bytes]] = {}
         for tid, did in edges:
@@ -532,14 +471,7 @@ class SqlStore(Store):
         self, conn: Connection, leases: Sequence[tuple[str, str]], now: float
     ) -> None:
         conn.execute(
-            _t.update()
-            .where(
-                _t.c.id == sa.bindparam("tid"),
-                _t.c.lease_id == sa.bindparam("lid"),
-                _t.c.state == TaskState.LEASED.value,
-            )
-            .values(state=TaskState.RUNNING.value, started_at=now),
-            [{"tid": t, "lid": lid} for t, lid in leases],
+            self._sql.mark_running, [{"tid": t, "lid": lid, "now": now} for t, lid in leases]
         )
 
     # --- results -----------------------------------------------------------------
@@ -574,7 +506,7 @@ class SqlStore(Store):
             if row.lease_id != r.lease_id:
                 resent.append(r)  # stale, unless recorded already and since retried
                 continue
-            if row.state not in _ACTIVE:
+            if row.state not in ACTIVE:
                 # Already recorded under this lease (a resent result): acknowledge,
                 # record nothing, so the agent stops resending.
                 (changes.accepted if row.state in final_states else changes.refused).append(
@@ -629,32 +561,13 @@ class SqlStore(Store):
             if row.has_dependents:
                 (succeeded if r.state is TaskState.SUCCEEDED else failed).append(r.task_id)
         if finished:
-            conn.execute(
-                _t.update()
-                .where(_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
-                .values(
-                    state=sa.bindparam("state"),
-                    reason=sa.bindparam("reason"),
-                    result=sa.bindparam("result"),
-                    error=sa.bindparam("error"),
-                    error_pickle=sa.bindparam("error_pickle"),
-                    output=sa.bindparam("output"),
-                    started_at=sa.func.coalesce(_t.c.started_at, sa.bindparam("started_at")),
-                    finished_at=sa.bindparam("finished_at"),
-                ),
-                finished,
-            )
+            conn.execute(self._sql.finish, finished)
         if retried:
-            conn.execute(
-                _t.update()
-                .where(_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
-                .values(state=TaskState.READY.value, node_id=None, lease_id=None, started_at=None),
-                retried,
-            )
+            conn.execute(self._sql.requeue, retried)
             changes.newly_ready += len(retried)
             self._events(conn, now, [("task_retry", t["tid"], None, t["lid"], {}) for t in retried])
         if attempt_rows:
-            conn.execute(_a.insert(), attempt_rows)
+            conn.execute(self._sql.insert_attempts, attempt_rows)
         if resent:
             self._ack_recorded(conn, resent, changes)
         if succeeded:
@@ -684,20 +597,7 @@ class SqlStore(Store):
     def _lease_rows(self, conn: Connection, task_ids: Sequence[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for chunk in _chunks(task_ids):
-            q = sa.select(
-                _t.c.id,
-                _t.c.lease_id,
-                _t.c.state,
-                _t.c.attempt,
-                _t.c.max_attempts,
-                _t.c.node_id,
-                _t.c.leased_at,
-                _t.c.started_at,
-                _t.c.has_dependents,
-            ).where(_t.c.id.in_(chunk))
-            if not self.is_sqlite:
-                q = q.with_for_update()
-            for row in conn.execute(q):
+            for row in conn.execute(self._sql.lease_rows, {"ids": list(chunk)}):
                 out[row.id] = row
         return out
 
@@ -708,32 +608,9 @@ class SqlStore(Store):
         """
         counts: Counter[str] = Counter()
         for chunk in _chunks(done):
-            res = conn.execute(
-                sa.select(_d.c.task_id, sa.func.count())
-                .where(_d.c.dep_id.in_(chunk))
-                .group_by(_d.c.task_id)
-            )
-            for tid, n in res:
+            for tid, n in conn.execute(self._sql.dependent_counts, {"ids": list(chunk)}):
                 counts[tid] += n
-        if not counts:
-            return
-        conn.execute(
-            _t.update()
-            .where(_t.c.id == sa.bindparam("tid"), _t.c.state == TaskState.WAITING.value)
-            .values(pending_deps=_t.c.pending_deps - sa.bindparam("n")),
-            [{"tid": t, "n": n} for t, n in counts.items()],
-        )
-        for chunk in _chunks(list(counts)):
-            res = conn.execute(
-                _t.update()
-                .where(
-                    _t.c.id.in_(chunk),
-                    _t.c.state == TaskState.WAITING.value,
-                    _t.c.pending_deps <= 0,
-                )
-                .values(state=TaskState.READY.value)
-            )
-            changes.newly_ready += res.rowcount
+        self._count_down(conn, counts, changes)
 
     def _fail_dependents(
         self, conn: Connection, dead: Sequence[str], now: float, changes: Changes
@@ -780,26 +657,18 @@ class SqlStore(Store):
         counts: Counter[str] = Counter()
         dead_set = set(dead)
         for chunk in _chunks(sorted(set(dependents))):
-            res = conn.execute(sa.select(_d.c.task_id, _d.c.dep_id).where(_d.c.task_id.in_(chunk)))
-            for tid, did in res:
+            for tid, did in conn.execute(self._sql.dep_edges, {"ids": list(chunk)}):
                 if did in dead_set:
                     counts[tid] += 1
-        conn.execute(
-            _t.update()
-            .where(_t.c.id == sa.bindparam("tid"), _t.c.state == TaskState.WAITING.value)
-            .values(pending_deps=_t.c.pending_deps - sa.bindparam("n")),
-            [{"tid": t, "n": n} for t, n in counts.items()],
-        )
+        self._count_down(conn, counts, changes)
+
+    def _count_down(self, conn: Connection, counts: Counter[str], changes: Changes) -> None:
+        """Take ``counts`` off the waiting tasks' pending dependencies; wake those at zero."""
+        if not counts:
+            return
+        conn.execute(self._sql.count_down, [{"tid": t, "n": n} for t, n in counts.items()])
         for chunk in _chunks(list(counts)):
-            res = conn.execute(
-                _t.update()
-                .where(
-                    _t.c.id.in_(chunk),
-                    _t.c.state == TaskState.WAITING.value,
-                    _t.c.pending_deps <= 0,
-                )
-                .values(state=TaskState.READY.value)
-            )
+            res = conn.execute(self._sql.wake_ready, {"ids": list(chunk)})
             changes.newly_ready += res.rowcount
 
     def _fail_waiting(
@@ -841,7 +710,7 @@ class SqlStore(Store):
                 _t.c.max_attempts,
                 _t.c.leased_at,
                 _t.c.started_at,
-            ).where(_t.c.node_id == node_id, _t.c.state.in_(_ACTIVE))
+            ).where(_t.c.node_id == node_id, _t.c.state.in_(ACTIVE))
             if not self.is_sqlite:
                 q = q.with_for_update()
             rows = [r for r in conn.execute(q) if r.lease_id not in keep]
@@ -929,7 +798,7 @@ class SqlStore(Store):
             for tid, lid in leases:
                 res = conn.execute(
                     _t.update()
-                    .where(_t.c.id == tid, _t.c.lease_id == lid, _t.c.state.in_(_ACTIVE))
+                    .where(_t.c.id == tid, _t.c.lease_id == lid, _t.c.state.in_(ACTIVE))
                     .values(node_id=node_id)
                 )
                 if res.rowcount:
@@ -942,7 +811,7 @@ class SqlStore(Store):
         def _tx(conn: Connection) -> Any:
             res = conn.execute(
                 sa.select(_t.c.id, _t.c.lease_id).where(
-                    _t.c.node_id == node_id, _t.c.state.in_(_ACTIVE)
+                    _t.c.node_id == node_id, _t.c.state.in_(ACTIVE)
                 )
             )
             return [(r[0], r[1]) for r in res]
@@ -983,7 +852,7 @@ class SqlStore(Store):
                     )
                 )
             # a task named in task_ids and in job_id's job comes back twice: once here
-            active = {r.id: r for r in rows if r.state in _ACTIVE and r.lease_id}
+            active = {r.id: r for r in rows if r.state in ACTIVE and r.lease_id}
             changes.cancel_leases = [(r.node_id, r.lease_id) for r in active.values() if r.node_id]
             if active:
                 conn.execute(
@@ -1077,7 +946,7 @@ class SqlStore(Store):
                 conn.execute(
                     sa.select(
                         _t.c.lease_id, _t.c.attempt, _t.c.node_id, _t.c.leased_at, _t.c.started_at
-                    ).where(_t.c.id == task_id, _t.c.state.in_(_ACTIVE))
+                    ).where(_t.c.id == task_id, _t.c.state.in_(ACTIVE))
                 )
             ).first()
             current = (
@@ -1294,7 +1163,7 @@ class SqlStore(Store):
             for a, t, n, lid, d in rows
         ]
         for chunk in _chunks(batch, 500):
-            conn.execute(_e.insert(), list(chunk))
+            conn.execute(self._sql.insert_events, list(chunk))
 
     async def events(
         self, *, after: int = 0, task_id: str | None = None, limit: int = 100
