@@ -36,6 +36,10 @@ class Settings:
     store_url: str
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
     advertise_url: str | None = None
+    # Where outputs and inputs live (fsspec URL); ``None`` means ``<home>/data``.
+    datastore_url: str | None = None
+    # Passed to the fsspec filesystem, e.g. ``{endpoint_url = "http://..."}`` for S3.
+    datastore_options: dict[str, Any] = field(default_factory=dict)
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     @property
@@ -45,6 +49,11 @@ class Settings:
     @property
     def tls_dir(self) -> Path:
         return self.home / "tls"
+
+    @property
+    def datastore(self) -> str:
+        """The datastore URL in effect: ``datastore_url`` or ``file://<home>/data``."""
+        return self.datastore_url or (self.home / "data").as_uri()
 
     @property
     def state_path(self) -> Path:
@@ -89,9 +98,10 @@ _ENV_KEYS = {
     "HERDER_STORE": "store_url",
     "HERDER_LISTEN": "listen",
     "HERDER_ADVERTISE_URL": "advertise_url",
+    "HERDER_DATASTORE": "datastore_url",
 }
 _TIMEOUT_KEYS = {f.name for f in fields(Timeouts)}
-_TOP_KEYS = {"store_url", "listen", "advertise_url"}
+_TOP_KEYS = {"store_url", "listen", "advertise_url", "datastore_url", "datastore_options"}
 
 
 def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
