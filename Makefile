@@ -23,7 +23,7 @@ typecheck: $(BIN)/herder
 
 test: lint typecheck
 	$(BIN)/python ../shared/tools/check_layers.py src || test ! -f ../shared/tools/check_layers.py
-	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(BIN)/pytest -q -rfEs -p no:cacheprovider tests
 
 bench: $(BIN)/herder
 	$(BIN)/python bench/core.py

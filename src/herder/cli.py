@@ -14,13 +14,22 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from herder.cli_data import data_app
 from herder.errors import HerderError
@@ -109,6 +118,15 @@ def up(
     slots: Annotated[
         int, typer.Option(envvar="HERDER_LOCAL_SLOTS", help="Slots of each local agent.")
     ] = 1,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(
+            envvar="HERDER_LOCAL_IDLE_EXIT",
+            min=0,
+            help="Local agents leave after this many seconds without work; --local N is then "
+            "a ceiling, and agents are started again when tasks wait.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="HERDER_LOG_LEVEL")] = "info",
     log_format: Annotated[
         str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
@@ -122,7 +140,9 @@ def up(
     settings = load_settings(_env(home), store_url=store, listen=listen)
 
     async def main() -> None:
-        coord = Coordinator(settings, local_agents=local, local_slots=slots)
+        coord = Coordinator(
+            settings, local_agents=local, local_slots=slots, local_idle_exit=idle_exit
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, coord.stop)
@@ -190,12 +210,27 @@ def agent(
         ),
     ] = None,
     provider: Annotated[str, typer.Option(hidden=True)] = "joined",
+    scratch_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HERDER_SCRATCH_DIR",
+            help="Where command tasks run, one directory per attempt (default: a temp dir).",
+        ),
+    ] = None,
     orphan_after: Annotated[
         float,
         typer.Option(
             envvar="HERDER_ORPHAN_AFTER", help="Exit after this many seconds without a coordinator."
         ),
     ] = 15 * 60.0,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(
+            envvar="HERDER_IDLE_EXIT",
+            min=0,
+            help="Leave (exit 0) after this many seconds connected without work.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="HERDER_LOG_LEVEL")] = "info",
     log_format: Annotated[
         str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
@@ -232,6 +267,8 @@ def agent(
         labels=labels,
         provider=provider,
         orphan_after_s=orphan_after,
+        idle_exit_s=idle_exit,
+        scratch_dir=scratch_dir,
     )
 
     async def main() -> int:
@@ -326,13 +363,29 @@ def tasks(
 
 
 @app.command("task")
-def task_detail(task_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """One task: spec, state history, result or error, output tail."""
+def task_detail(
+    task_id: str,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    rerun_here: Annotated[
+        bool,
+        typer.Option(
+            "--rerun-here",
+            help="Run this command task's phases on this machine, printing every step, "
+            "with the same inputs; outputs are listed, not uploaded; the scratch is kept.",
+        ),
+    ] = False,
+) -> None:
+    """One task: spec, state history (each phase of each attempt), result or error, output tail."""
     with _client(home) as herd:
         try:
             data = herd.task(task_id)
+            if rerun_here:
+                code = _rerun_here(herd, data["task"])
         except HerderError as exc:
             raise _fail(str(exc)) from exc
+    if rerun_here:
+        raise typer.Exit(code)
     if as_json:
         _print_json(data)
         return
@@ -359,6 +412,14 @@ def task_detail(task_id: str, home: HomeOpt = None, as_json: JsonOpt = False) ->
         if a["started_at"]:
             table.add_row(_when(a["started_at"]), "started", a["node_id"], a["lease_id"])
         if a["ended_at"]:
+            for p in a.get("phases") or []:
+                table.add_row(
+                    _when(p["start"]),
+                    f"  {p['phase']}: {p['outcome']} in {p['end'] - p['start']:.2f}s"
+                    + (f" ({p['detail']})" if p.get("detail") else ""),
+                    a["node_id"],
+                    a["lease_id"],
+                )
             table.add_row(
                 _when(a["ended_at"]),
                 f"ended: {a['outcome']}" + (f" ({a['reason']})" if a["reason"] else ""),
@@ -381,6 +442,40 @@ def task_detail(task_id: str, home: HomeOpt = None, as_json: JsonOpt = False) ->
             if t["output"].get(stream):
                 console.print(f"--- {stream.split('_')[0]} (tail) ---")
                 console.print(t["output"][stream], highlight=False, markup=False, end="")
+
+
+def _rerun_here(herd: Any, task: dict[str, Any]) -> int:
+    """Run a command task's phases here the way an agent would; returns an exit code."""
+    import tempfile
+
+    from herder.agent.phases import PhaseContext, run_command_task
+    from herder.model import CommandSpec
+
+    if task["kind"] != "command" or not task["command"]:
+        raise _fail(f"task {task['id']} is a {task['kind']} task; only command tasks rerun here")
+    command = CommandSpec.model_validate(task["command"]).model_copy(update={"keep_scratch": True})
+    ctx = PhaseContext(
+        task_id=task["id"],
+        attempt=0,
+        job_id=task["job_id"],
+        name=task["name"],
+        scratch_root=Path(tempfile.mkdtemp(prefix="herder-rerun-")),
+        data=herd.data,
+        timeout_s=task["timeout_s"],
+        echo=lambda line: console.print(line, highlight=False, markup=False),
+        upload=False,
+    )
+    out = run_command_task(command, ctx)
+    for stream in ("stdout_tail", "stderr_tail"):
+        if out["output"].get(stream):
+            console.print(f"--- {stream.split('_')[0]} (tail) ---")
+            console.print(out["output"][stream], highlight=False, markup=False, end="")
+    console.print(f"scratch kept in {out['output']['scratch']}", highlight=False)
+    if out["state"] == "succeeded":
+        console.print("[green]succeeded[/green]")
+        return 0
+    console.print(f"[red]failed[/red]: {out['error']['message']}", highlight=False)
+    return 1
 
 
 def _when(at: float | None) -> str:
@@ -428,23 +523,43 @@ def wait(
     if as_json:
         _print_json(summary)
     else:
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["counts"].items()))
-        console.print(f"job {job}: {counts}", highlight=False)
+        console.print(f"job {job}: {_state_counts(summary['counts'])}", highlight=False)
     if summary["failed"]:
         raise typer.Exit(1)
 
 
+def _state_counts(counts: dict[str, int]) -> str:
+    """``ready 120 · running 4 · succeeded 876 · failed 2``: states in lifecycle order."""
+    from herder.model import TaskState
+
+    order = [s.value for s in TaskState]
+    known = [s for s in order if counts.get(s)]
+    other = sorted(s for s in counts if s not in order and counts[s])
+    return " · ".join(f"{s} {counts[s]}" for s in known + other) or "no tasks"
+
+
+class _JobProgress(Progress):
+    """The bar with elapsed time and ETA, and the counts by state on the line below."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            yield Text("  " + str(task.fields.get("counts", "")))
+
+
 def _watch_job(herd: Any, job: str, *, quiet: bool) -> dict[str, Any]:
-    with Progress(
+    """Poll the job's summary (one query per refresh) until it is finished."""
+    with _JobProgress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),  # from the completion rate of the last 30 s
         console=err_console,
         disable=quiet,
     ) as progress:
-        bar = progress.add_task(job, total=None, detail="")
+        bar = progress.add_task(job, total=None, counts="")
         while True:
             try:
                 summary: dict[str, Any] = herd.job(job)
@@ -452,11 +567,41 @@ def _watch_job(herd: Any, job: str, *, quiet: bool) -> dict[str, Any]:
                 raise _fail(str(exc)) from exc
             counts = summary["counts"]
             done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
-            detail = " ".join(f"{s}:{n}" for s, n in sorted(counts.items()) if n)
-            progress.update(bar, total=summary["total"], completed=done, detail=detail)
+            progress.update(
+                bar, total=summary["total"], completed=done, counts=_state_counts(counts)
+            )
             if summary["finished"]:
                 return summary
             time.sleep(0.2)
+
+
+@app.command()
+def results(
+    job: str,
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory to download into (made if missing).")
+    ] = Path("results"),
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download every output of a job's tasks: ``jobs/JOB/<task>/...`` into ``OUT/<task>/...``."""
+    from herder.agent.phases import job_prefix
+
+    prefix = job_prefix(job)
+    got: list[dict[str, Any]] = []
+    with _client(home) as herd:
+        try:
+            for obj in herd.data.ls(prefix):
+                dest = out / obj.key.removeprefix(prefix)
+                herd.data.get_file(obj.key, dest)
+                got.append({"key": obj.key, "path": str(dest), "size": obj.size})
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    if as_json:
+        _print_json(got)
+        return
+    total = sum(g["size"] for g in got)
+    console.print(f"{len(got)} outputs, {total:,} bytes, in {out}", highlight=False)
 
 
 @app.command()

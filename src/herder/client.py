@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cloudpickle
 import httpx
@@ -41,6 +41,9 @@ from herder.errors import (
     TaskTimeout,
 )
 from herder.model import CommandSpec, TaskRef, TaskSpec, new_id
+
+if TYPE_CHECKING:
+    from herder.dataclient import DataClient
 
 T = TypeVar("T")
 DEFAULT_RETRIES = 2
@@ -180,6 +183,8 @@ class AsyncClient:
         self.url = url
         self._token = token
         self._ssl = security.client_ssl_context(ca_pem)
+        self._ca_pem = ca_pem
+        self._data: DataClient | None = None
         self._bearer = token.without_url().encode()
         self.http = httpx.AsyncClient(
             base_url=url,
@@ -230,8 +235,21 @@ class AsyncClient:
         if self._ws is not None:
             await self._ws.close()
         await self.http.aclose()
+        if self._data is not None:
+            self._data.close()
         for fut in self._futures.values():
             fut._fail_submission(ClientClosed())
+
+    @property
+    def data(self) -> DataClient:
+        """The datastore (synchronous: from async code, call it via ``asyncio.to_thread``)."""
+        if self._closed:
+            raise ClientClosed()
+        if self._data is None:
+            from herder.dataclient import DataClient  # fsspec and friends only when used
+
+            self._data = DataClient(self.url, self._bearer, self._ca_pem)
+        return self._data
 
     async def _connect(self) -> None:
         ws_url = "wss://" + self.url.split("://", 1)[1] + "/v1/session"
@@ -672,6 +690,11 @@ class Client:
             return await fn()
 
         return self._run(call())
+
+    @property
+    def data(self) -> DataClient:
+        """The datastore: ``herd.data.put_file("inputs/a.csv", "a.csv")``."""
+        return self._async.data
 
     @property
     def aio(self) -> AsyncClient:

@@ -13,6 +13,12 @@
     ├── StoreError                the database failed; wraps the driver's error
     │   └── SchemaMismatch        the store's schema is not the one this code knows
     ├── ProviderError             a provider could not create or destroy a node
+    ├── DatastoreError            the datastore failed (names the key or path)
+    │   ├── BadKey                a key (or prefix) that breaks the key rules
+    │   ├── ObjectMissing         no object under this key
+    │   ├── DatastoreFull         no space left (ENOSPC/EDQUOT); nothing partial is visible
+    │   ├── ChecksumMismatch      fetched bytes do not match the recorded sha256
+    │   └── DatastoreUnavailable  the datastore (or the coordinator) cannot be reached
     ├── ConnectionLost            the coordinator went away and did not come back in time
     ├── ClientClosed              the client was closed by its owner
     ├── TaskError                 a task failed remotely (carries the remote story)
@@ -79,6 +85,30 @@ class SchemaMismatch(StoreError):
 
 class ProviderError(HerderError):
     """A provider could not create or destroy a node."""
+
+
+class DatastoreError(HerderError):
+    """The datastore failed."""
+
+
+class BadKey(DatastoreError):
+    """The datastore key is not valid."""
+
+
+class ObjectMissing(DatastoreError):
+    """There is no object under this key."""
+
+
+class DatastoreFull(DatastoreError):
+    """The datastore has no space left; nothing of the object was kept."""
+
+
+class ChecksumMismatch(DatastoreError):
+    """The object's bytes do not match its recorded sha256."""
+
+
+class DatastoreUnavailable(DatastoreError):
+    """The datastore cannot be reached."""
 
 
 class ConnectionLost(HerderError):

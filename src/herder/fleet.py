@@ -1,36 +1,115 @@
 """Keeping the fleet at the size the policy asks for.
 
-For now one policy: a fixed number of nodes from one provider, replaced at
-once when one dies (the ``--local N`` herd).
+Two policies for the nodes of one provider (the ``--local N`` herd):
+
+- **fixed**: keep ``desired`` nodes; one that dies is replaced at once.
+- **on demand** (agents started with ``--idle-exit``): ``desired`` is a
+  ceiling. Nodes leave by themselves when they run out of work and are not
+  replaced; when ready tasks wait again, nodes are started for them, up to
+  the ceiling and no more than the waiting tasks can use.
+
+The decision (:func:`spawn_count`) is a pure function of what the provider
+and the coordinator see; :class:`LocalFleet` carries it out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Awaitable, Callable, Collection
 
-from herder.providers.base import Provider
+from herder.providers.base import NodeHandle, Provider
 
 log = logging.getLogger("herder.fleet")
 
 
-class LocalFleet:
-    """Keeps ``desired`` nodes of ``provider`` alive."""
+def spawn_count(
+    *,
+    desired: int,
+    slots: int,
+    on_demand: bool,
+    first_pass: bool,
+    own: Collection[str],
+    paired: Collection[str],
+    leaving: Collection[str],
+    ready: int,
+) -> int:
+    """How many nodes to start now.
 
-    def __init__(self, provider: Provider, desired: int) -> None:
+    ``own``: nodes the provider has running; ``paired``: those connected to
+    the coordinator; ``leaving``: those that said goodbye and are on their
+    way out; ``ready``: ready tasks these nodes could run (only read on
+    demand). The first pass of an on-demand fleet starts the ceiling, so the
+    first work does not wait for nodes to boot.
+    """
+    if not on_demand or first_pass:
+        return max(0, desired - len(own))
+    staying = [n for n in own if n not in leaving]
+    booting = sum(1 for n in staying if n not in paired)
+    room = desired - len(staying)
+    # Paired nodes take ready tasks as fast as their slots free up; what is
+    # still ready is work they have no room for, less what booting nodes will take.
+    need = math.ceil(max(0, ready - booting * slots) / max(1, slots))
+    return max(0, min(room, need))
+
+
+class LocalFleet:
+    """Keeps the nodes of ``provider`` at the count its policy asks for."""
+
+    def __init__(
+        self, provider: Provider, desired: int, *, slots: int = 1, on_demand: bool = False
+    ) -> None:
         self.provider = provider
         self.desired = desired
+        self.slots = slots
+        self.on_demand = on_demand
+        self._first_pass = True
 
-    async def reconcile(self) -> list[str]:
-        """One pass: reap the dead, spawn up to the desired count; returns the dead."""
-        dead = await self.provider.reap()
-        for node_id in dead:
-            log.warning("node %s exited: replacing it", node_id)
-        missing = self.desired - len(await self.provider.list_own())
-        if missing > 0:
-            handles = await self.provider.spawn(missing)
-            log.info("spawned %s", ", ".join(h.node_id for h in handles))
-        return dead
+    async def reap(self) -> list[str]:
+        """The nodes that exited since the last call."""
+        return await self.provider.reap()
+
+    async def reconcile(
+        self,
+        *,
+        paired: Collection[str] = (),
+        leaving: Collection[str] = (),
+        ready_work: Callable[[int], Awaitable[int]] | None = None,
+    ) -> list[NodeHandle]:
+        """One pass: start the nodes the policy asks for; returns them.
+
+        ``ready_work(limit)`` counts ready tasks these nodes could run, up to
+        ``limit``; it is asked only on demand, and only when there is room.
+        """
+        own = [h.node_id for h in await self.provider.list_own()]
+        ready = 0
+        if self.on_demand and not self._first_pass and ready_work is not None:
+            staying = [n for n in own if n not in leaving]
+            room = self.desired - len(staying)
+            if room > 0:
+                booting = sum(1 for n in staying if n not in paired)
+                ready = await ready_work((room + booting) * self.slots)
+        count = spawn_count(
+            desired=self.desired,
+            slots=self.slots,
+            on_demand=self.on_demand,
+            first_pass=self._first_pass,
+            own=own,
+            paired=paired,
+            leaving=leaving,
+            ready=ready,
+        )
+        self._first_pass = False
+        if count <= 0:
+            return []
+        handles = await self.provider.spawn(count)
+        log.info(
+            "spawned %s%s",
+            ", ".join(h.node_id for h in handles),
+            " (tasks are waiting)" if self.on_demand and ready else "",
+        )
+        return handles
 
     async def stop_all(self, grace: float) -> None:
         self.desired = 0

@@ -165,14 +165,85 @@ def valid_id(value: str, field: str) -> str:
 Labels = dict[str, str]
 
 
+def relative_path(value: str, field: str) -> str:
+    """A path that stays inside the directory it is joined to: relative, no ``..``.
+
+    Guards the scratch directory: a fetch destination or an upload pattern
+    must not reach outside it, whatever the tasks file says.
+    """
+    if not value or "\0" in value:
+        raise ValueError(f"{field} must be a non-empty path without NUL characters")
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(f"{field} must be a relative path, got {value!r}")
+    if ".." in re.split(r"[/\\]", value):
+        raise ValueError(f"{field} must not contain '..', got {value!r}")
+    return value
+
+
+class FetchSpec(BaseModel):
+    """One input of a command task, copied into its scratch directory before ``run``.
+
+    Exactly one source: a datastore ``key``, the output ``path`` of a task it
+    depends on (``from``, that task's name), or an http(s) ``url``. ``dest``
+    is where it lands in the scratch directory (default: the source's last
+    path segment).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    key: str | None = Field(default=None, min_length=1, max_length=1024)
+    from_task: str | None = Field(default=None, alias="from", min_length=1, max_length=256)
+    path: str | None = None
+    url: str | None = Field(default=None, max_length=4096)
+    dest: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FetchSpec:
+        given = [n for n in ("key", "from_task", "url") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of key, from or url")
+        if self.from_task is not None and self.path is None:
+            raise ValueError("'from' needs 'path': the file within that task's outputs")
+        if self.from_task is None and self.path is not None:
+            raise ValueError("'path' goes with 'from'")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        if self.path is not None:
+            relative_path(self.path, "path")
+        relative_path(self.target(), "dest")
+        return self
+
+    def target(self) -> str:
+        """Where the input lands, relative to the scratch directory."""
+        if self.dest is not None:
+            return self.dest
+        source = self.key or self.path or (self.url or "").split("?", 1)[0]
+        return source.rstrip("/").rsplit("/", 1)[-1] or "download"
+
+
 class CommandSpec(BaseModel):
-    """A command task's ``run`` phase: argv without a shell, or a string for ``sh -c``."""
+    """A command task: inputs to ``fetch``, the ``run`` (argv without a shell, or
+    a string for ``sh -c``), and glob patterns of outputs to ``upload``.
+
+    It runs in a fresh scratch directory per attempt, removed afterwards
+    unless ``keep_scratch``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     run: list[str] | str
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
+    fetch: list[FetchSpec] = Field(default_factory=list)
+    upload: list[str] = Field(default_factory=list)
+    keep_scratch: bool = False
+
+    @field_validator("upload")
+    @classmethod
+    def _patterns_inside(cls, value: list[str]) -> list[str]:
+        for i, pattern in enumerate(value):
+            relative_path(pattern, f"upload[{i}]")
+        return value
 
     @field_validator("run")
     @classmethod
@@ -303,6 +374,8 @@ class AttemptRecord(BaseModel):
     ended_at: float | None
     outcome: str | None
     reason: str | None
+    error: dict[str, Any] | None = None
+    phases: list[dict[str, Any]] | None = None
 
 
 class NodeRecord(BaseModel):

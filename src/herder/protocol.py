@@ -131,6 +131,8 @@ class Assignment(_Msg):
     command: CommandSpec | None = None
     timeout_s: float | None = None
     dep_results: dict[str, bytes] = Field(default_factory=dict)
+    job_id: str = ""
+    name: str | None = None  # with job_id, where a command's outputs go
 
 
 class Assign(_Msg):

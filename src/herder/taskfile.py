@@ -53,10 +53,11 @@ from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+import pydantic
 import yaml
 
 from herder.errors import TaskFileError
-from herder.model import CommandSpec, TaskSpec, find_cycle, new_id
+from herder.model import CommandSpec, FetchSpec, TaskSpec, find_cycle, new_id, relative_path
 
 __all__ = ["SUFFIXES", "TaskFileFormat", "TasksFile", "load_tasks_file", "parse_tasks"]
 
@@ -82,6 +83,9 @@ TASK_FIELDS = (
     "priority",
     "run_on_failure",
     "matrix",
+    "fetch",
+    "upload",
+    "keep_scratch",
 )
 # Names people reach for out of habit (other tools, herder's own TaskSpec).
 _ALIASES = {
@@ -104,6 +108,8 @@ _ALIASES = {
     "dir": "cwd",
     "selector": "labels",
     "constraints": "labels",
+    "inputs": "fetch",
+    "outputs": "upload",
 }
 
 DEFAULT_RETRIES = 2
@@ -407,6 +413,9 @@ class _Entry:
     labels: dict[str, str]
     priority: int
     run_on_failure: bool
+    fetch: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    upload: list[str] = dataclasses.field(default_factory=list)
+    keep_scratch: bool = False
 
 
 _Matrix = list[tuple[str, list[str]]]
@@ -421,6 +430,7 @@ def _read_entry(raw: object, index: int) -> list[_Entry]:
             return _expand(entry, matrix)
         _check_name(entry.name)
         _check_run(entry.run)
+        _check_io(entry)
         return [entry]
     except _Invalid as exc:
         if exc.task is None:
@@ -444,6 +454,9 @@ def _read_fields(raw: dict[Any, Any], index: int) -> tuple[_Entry, _Matrix | Non
     run_on_failure = raw.get("run_on_failure")
     if run_on_failure is not None and not isinstance(run_on_failure, bool):
         raise _Invalid("run_on_failure", f"must be true or false, got {_describe(run_on_failure)}")
+    keep_scratch = raw.get("keep_scratch")
+    if keep_scratch is not None and not isinstance(keep_scratch, bool):
+        raise _Invalid("keep_scratch", f"must be true or false, got {_describe(keep_scratch)}")
     entry = _Entry(
         index=index,
         name=name,
@@ -456,6 +469,9 @@ def _read_fields(raw: dict[Any, Any], index: int) -> tuple[_Entry, _Matrix | Non
         labels=_str_table(raw.get("labels"), "labels", _BAD_LABEL_KEY, _BAD_LABEL_VALUE),
         priority=_int(raw.get("priority"), "priority", 0, -MAX_PRIORITY, MAX_PRIORITY),
         run_on_failure=bool(run_on_failure),
+        fetch=_fetch(raw.get("fetch")),
+        upload=_upload(raw.get("upload")),
+        keep_scratch=bool(keep_scratch),
     )
     return entry, _matrix(raw.get("matrix"))
 
@@ -476,10 +492,13 @@ def _expand(template: _Entry, matrix: _Matrix) -> list[_Entry]:
             env={k: _fill(v, values) for k, v in template.env.items()},
             cwd=None if template.cwd is None else _fill(template.cwd, values),
             depends_on=[_fill(dep, values) for dep in template.depends_on],
+            fetch=[{k: _fill(v, values) for k, v in f.items()} for f in template.fetch],
+            upload=[_fill(pattern, values) for pattern in template.upload],
         )
         try:
             _check_name(entry.name)
             _check_run(entry.run)
+            _check_io(entry)
         except _Invalid as exc:
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
             exc.what = f"{exc.what} (matrix {shown})"
@@ -497,6 +516,8 @@ def _check_placeholders(template: _Entry, keys: list[str]) -> None:
         *((f"env.{k}", v) for k, v in template.env.items()),
         *([("cwd", template.cwd)] if template.cwd is not None else []),
         *((f"depends_on[{i}]", dep) for i, dep in enumerate(template.depends_on)),
+        *((f"fetch[{i}].{k}", v) for i, f in enumerate(template.fetch) for k, v in f.items()),
+        *((f"upload[{i}]", pattern) for i, pattern in enumerate(template.upload)),
     ]
     for field, text in fields:
         for found in _PLACEHOLDER_RE.finditer(text):
@@ -546,6 +567,67 @@ def _check_name(name: str) -> None:
             f"{_short(name)!r} must be 1-100 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
         )
+
+
+_FETCH_KEYS = ("key", "from", "path", "url", "dest")
+
+
+def _fetch(value: object) -> list[dict[str, str]]:
+    """Inputs: a datastore key as a string, or a table of key|from+path|url, and dest."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Invalid("fetch", f"must be a list of inputs, got {_describe(value)}")
+    out: list[dict[str, str]] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            out.append({"key": item})
+            continue
+        if not isinstance(item, dict):
+            raise _Invalid(
+                f"fetch[{i}]", f"must be a datastore key or a table, got {_describe(item)}"
+            )
+        for key, text in item.items():
+            if key not in _FETCH_KEYS:
+                raise _Invalid(
+                    f"fetch[{i}].{key}", f"unknown field; an input has {', '.join(_FETCH_KEYS)}"
+                )
+            if not isinstance(text, str):
+                raise _Invalid(f"fetch[{i}].{key}", f"must be a string, got {_describe(text)}")
+        out.append(dict(item))
+    return out
+
+
+def _upload(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _Invalid("upload", f"must be a list of glob patterns, got {_describe(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _Invalid(f"upload[{i}]", f"must be a glob pattern, got {_describe(item)}")
+    return list(value)
+
+
+def _check_io(entry: _Entry) -> None:
+    """Inputs and output patterns well formed (after matrix substitution)."""
+    for i, raw in enumerate(entry.fetch):
+        try:
+            FetchSpec.model_validate(raw)
+        except pydantic.ValidationError as exc:
+            raise _Invalid(f"fetch[{i}]", _pydantic_reason(exc)) from None
+    for i, pattern in enumerate(entry.upload):
+        try:
+            relative_path(pattern, "the pattern")
+        except ValueError as exc:
+            raise _Invalid(f"upload[{i}]", str(exc)) from None
+
+
+def _pydantic_reason(exc: pydantic.ValidationError) -> str:
+    first = exc.errors()[0]
+    return str(first["msg"]).removeprefix("Value error, ")
 
 
 def _depends_on(value: object) -> list[str]:
@@ -690,6 +772,8 @@ def _link(entries: list[_Entry], source: str) -> list[TaskSpec]:
     deps: list[list[int]] = []
     for pos, entry in enumerate(entries):
         found: dict[int, None] = {}  # ordered and deduplicated
+        if any("from" in raw for raw in entry.fetch):
+            entry.fetch = _link_inputs(entry, pos, positions, names, globs, found, source)
         for i, dep in enumerate(entry.depends_on):
             if _GLOB_CHARS.isdisjoint(dep):
                 target = positions.get(dep)
@@ -718,6 +802,54 @@ def _link(entries: list[_Entry], source: str) -> list[TaskSpec]:
         _raise_cycle(entries, deps, source)
     ids = [new_id("t") for _ in entries]
     return [_spec(entries[pos], ids[pos], [ids[d] for d in deps[pos]]) for pos in order]
+
+
+def _link_inputs(
+    entry: _Entry,
+    pos: int,
+    positions: dict[str, int],
+    names: list[str],
+    globs: dict[str, list[int]],
+    found: dict[int, None],
+    source: str,
+) -> list[dict[str, str]]:
+    """Make every task an input comes ``from`` a dependency; expand ``from`` globs.
+
+    ``{from = "align-*", path = "out.bam"}`` becomes one input per matching
+    task, landing in ``<dest or .>/<task>/out.bam``: a fan-in is one line.
+    """
+    out: list[dict[str, str]] = []
+    for i, raw in enumerate(entry.fetch):
+        producer = raw.get("from")
+        if producer is None:
+            out.append(raw)
+            continue
+        if _GLOB_CHARS.isdisjoint(producer):
+            target = positions.get(producer)
+            if target is None or target == pos:
+                what = (
+                    "a task cannot fetch its own outputs"
+                    if target == pos
+                    else f"no task is named {producer!r}{_suggest_name(producer, names)}"
+                )
+                raise _task_error(source, entry.name, entry.index, f"fetch[{i}].from", what)
+            found[target] = None  # fetching a task's output depends on that task
+            out.append(raw)
+            continue
+        matched = globs.get(producer)
+        if matched is None:
+            match = re.compile(fnmatch.translate(producer)).match
+            matched = globs[producer] = [p for p, name in enumerate(names) if match(name)]
+        matched = [p for p in matched if p != pos]
+        if not matched:
+            what = f"the pattern {producer!r} matches no other task"
+            raise _task_error(source, entry.name, entry.index, f"fetch[{i}].from", what)
+        folder = raw["dest"].rstrip("/") + "/" if raw.get("dest") else ""
+        for target in matched:
+            found[target] = None
+            name = names[target]
+            out.append({"from": name, "path": raw["path"], "dest": f"{folder}{name}/{raw['path']}"})
+    return out
 
 
 def _suggest_name(name: str, names: list[str]) -> str:
@@ -764,7 +896,14 @@ def _spec(entry: _Entry, task_id: str, depends_on: list[str]) -> TaskSpec:
         id=task_id,
         kind="command",
         name=entry.name,
-        command=CommandSpec(run=entry.run, env=entry.env, cwd=entry.cwd),
+        command=CommandSpec(
+            run=entry.run,
+            env=entry.env,
+            cwd=entry.cwd,
+            fetch=[FetchSpec.model_validate(raw) for raw in entry.fetch],
+            upload=entry.upload,
+            keep_scratch=entry.keep_scratch,
+        ),
         depends_on=depends_on,
         priority=entry.priority,
         max_attempts=entry.max_attempts,

@@ -9,7 +9,10 @@ a lease lives, the agent stops its tasks: they are being run elsewhere.
 
 Shutdown order (``stop()``, e.g. on SIGTERM): stop taking tasks, hand back
 the ones not started, let running ones finish (up to the grace period),
-send the results, say goodbye, close the slots.
+send the results, say goodbye, close the slots. With ``idle_exit_s`` the agent
+also leaves by itself once it has held no work for that long: it says goodbye
+with reason ``idle`` (holding nothing, and running nothing assigned after) and
+exits 0.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import os
 import random
 import socket
 import ssl
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import websockets
@@ -58,6 +63,11 @@ class AgentConfig:
     reconnect_max_s: float = 5.0
     grace_s: float = 30.0
     orphan_after_s: float = 15 * 60.0
+    # Leave (Bye "idle", exit 0) after this long connected with no work; None: never.
+    idle_exit_s: float | None = None
+    # Command tasks run in <scratch_dir>/<task>-<attempt>/; None: a herder-scratch
+    # directory in the system's temporary directory.
+    scratch_dir: Path | None = None
 
 
 class Agent:
@@ -65,7 +75,10 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self._slots = [Slot(i) for i in range(config.slots)]
+        scratch = config.scratch_dir or Path(tempfile.gettempdir()) / "herder-scratch"
+        # shared by every slot; "data" is filled in once the coordinator's CA is known
+        self._task_context: dict[str, Any] = {"scratch_root": str(scratch), "data": None}
+        self._slots = [Slot(i, self._task_context) for i in range(config.slots)]
         self._queue: deque[protocol.Assignment] = deque()
         self._queue_event = asyncio.Event()
         self._running: dict[str, tuple[protocol.Assignment, asyncio.Task[None]]] = {}
@@ -83,6 +96,8 @@ class Agent:
         self._lost_after_s = 5.0
         self._heartbeat_s = 1.0
         self._disconnected_at: float | None = time.monotonic()
+        self._last_active = time.monotonic()  # work arrived, ended or was acknowledged
+        self._bye_reason = "stopped"
 
     def _prefetch(self) -> int:
         """How many tasks to hold queued beyond the slots.
@@ -105,6 +120,27 @@ class Agent:
     def stop(self) -> None:
         """Leave after finishing running tasks (idempotent)."""
         self._stopping.set()
+
+    def _is_idle(self) -> bool:
+        """Connected, holding no work, and for at least ``idle_exit_s``."""
+        limit = self.config.idle_exit_s
+        return (
+            limit is not None
+            and self._ws is not None
+            and not (self._queue or self._running or self._unacked)
+            and time.monotonic() - self._last_active >= limit
+        )
+
+    def _retire(self) -> None:
+        """Leave for want of work: take nothing more, say goodbye as "idle", exit 0."""
+        log.info(
+            "no work for %.1fs (--idle-exit %g): leaving",
+            time.monotonic() - self._last_active,
+            self.config.idle_exit_s,
+        )
+        self._bye_reason = "idle"
+        self._draining = True
+        self.stop()
 
     # --- main loop ------------------------------------------------------------------
 
@@ -138,6 +174,13 @@ class Agent:
                         security.fetch_pinned_ca, self.config.url, self.config.fingerprint
                     )
                     self._ssl = security.client_ssl_context(ca)
+                    self._task_context["data"] = {
+                        "url": self.config.url,
+                        "bearer": security.JoinToken(
+                            self.config.secret, self.config.fingerprint
+                        ).encode(),
+                        "ca_pem": ca,
+                    }
                 ws_url = "wss://" + self.config.url.split("://", 1)[1].rstrip("/") + "/v1/agent"
                 async with websockets.connect(
                     ws_url,
@@ -222,6 +265,7 @@ class Agent:
         self._drop_unadopted(adopted)
         self._ws = ws
         self._disconnected_at = None
+        self._last_active = time.monotonic()
         self._draining = False
         log.info("paired with %s as %s", self.config.url, self.config.node_id)
 
@@ -266,7 +310,7 @@ class Agent:
         for _, task in list(self._running.values()):
             task.cancel()
         with contextlib.suppress(websockets.WebSocketException):
-            await ws.send(protocol.encode(protocol.Bye(reason="stopped")))
+            await ws.send(protocol.encode(protocol.Bye(reason=self._bye_reason)))
             await ws.close()
 
     async def _wait_settled(self) -> None:
@@ -303,10 +347,12 @@ class Agent:
                 return
             self._queue.extend(msg.tasks)
             self._queue_event.set()
+            self._last_active = time.monotonic()
         elif isinstance(msg, protocol.Ack):
             for lid in (*msg.accepted, *msg.refused):
                 self._unacked.pop(lid, None)
             self._changed.set()
+            self._last_active = time.monotonic()
             if msg.refused:
                 log.info("coordinator refused %d stale results", len(msg.refused))
         elif isinstance(msg, protocol.Cancel):
@@ -331,9 +377,11 @@ class Agent:
             await asyncio.sleep(self._heartbeat_s)
 
     async def _watchdog(self) -> None:
-        """Stop tasks whose leases must have expired while the coordinator was away."""
+        """Stop tasks whose leases expired while the coordinator was away; retire when idle."""
         while True:
             await asyncio.sleep(0.25)
+            if not self._stopping.is_set() and self._is_idle():
+                self._retire()
             gone = self._disconnected_at
             if gone is not None and time.monotonic() - gone > self.config.orphan_after_s:
                 log.error(

@@ -10,24 +10,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from herder import protocol
+from herder.agent.phases import attempt_dir
 
 
 class Slot:
-    """One worker process and the socket to it."""
+    """One worker process and the socket to it.
 
-    def __init__(self, index: int, env: dict[str, str] | None = None) -> None:
+    ``context`` is what every command task is given besides its own spec:
+    ``scratch_root`` and ``data`` (how to reach the datastore); the agent
+    fills in ``data`` once paired.
+    """
+
+    def __init__(
+        self, index: int, context: dict[str, Any], env: dict[str, str] | None = None
+    ) -> None:
         self.index = index
+        self.context = context
         self._env = env
+        self._command_groups: set[int] = set()  # process groups of commands now running
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -56,26 +68,34 @@ class Slot:
         await self._ensure()
         assert self._reader is not None
         assert self._writer is not None
-        frame = {
+        frame: dict[str, Any] = {
             "kind": task.kind,
             "payload": task.payload,
-            "command": task.command.model_dump() if task.command else None,
             "dep_results": task.dep_results,
         }
+        if task.command is not None:
+            frame.update(
+                self.context,
+                command=task.command.model_dump(),
+                task_id=task.task_id,
+                attempt=task.attempt,
+                job_id=task.job_id,
+                name=task.name,
+                timeout_s=task.timeout_s,
+            )
         body = msgpack.packb(frame, use_bin_type=True)
         started = time.time()
         self._writer.write(struct.pack(">I", len(body)) + body)
+        # A command's worker enforces the timeout on the run phase itself, so
+        # that upload and cleanup still happen; a call is stopped from here.
+        limit = task.timeout_s if task.command is None else None
         try:
-            async with asyncio.timeout(task.timeout_s):
+            async with asyncio.timeout(limit):
                 await self._writer.drain()
-                header = await self._reader.readexactly(4)
-                (size,) = struct.unpack(">I", header)
-                out: dict[str, Any] = msgpack.unpackb(
-                    await self._reader.readexactly(size), raw=False
-                )
-                return out
+                return await self._outcome()
         except asyncio.CancelledError:
             await self.kill()  # a cancelled task must not keep running
+            self._clean_scratch(task)
             raise
         except TimeoutError:
             await self.kill()
@@ -91,6 +111,7 @@ class Slot:
             }
         except (asyncio.IncompleteReadError, ConnectionError):
             code = await self._reap()
+            self._clean_scratch(task)
             return {
                 "state": "failed",
                 "reason": "worker died",
@@ -102,11 +123,35 @@ class Slot:
                 "ended_at": time.time(),
             }
 
+    async def _outcome(self) -> dict[str, Any]:
+        """Read frames until the task's outcome, noting the commands it starts."""
+        assert self._reader is not None
+        while True:
+            header = await self._reader.readexactly(4)
+            (size,) = struct.unpack(">I", header)
+            out: dict[str, Any] = msgpack.unpackb(await self._reader.readexactly(size), raw=False)
+            if out.get("event") == "spawned":
+                self._command_groups.add(out["pgid"])
+                continue
+            self._command_groups.clear()
+            return out
+
+    def _clean_scratch(self, task: protocol.Assignment) -> None:
+        """After a kill the worker could not clean up: remove the attempt's scratch here."""
+        if task.command is not None and not task.command.keep_scratch:
+            root = self.context.get("scratch_root")
+            if root:
+                shutil.rmtree(attempt_dir(Path(root), task.task_id, task.attempt), True)
+
     async def kill(self) -> None:
-        """Kill the worker and everything it started (its process group)."""
+        """Kill the worker and everything it started (its process group and its commands')."""
+        groups = set(self._command_groups)
+        self._command_groups.clear()
         if self._proc is not None and self._proc.returncode is None:
+            groups.add(self._proc.pid)
+        for pgid in groups:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGKILL)
         await self._reap()
 
     async def _reap(self) -> int | None:

@@ -9,21 +9,18 @@ taking any command the task started with it.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import cloudpickle
 import msgpack
 
 from herder.model import TaskRef
-
-_TAIL = 4096
 
 
 def _read_frame(stream: BinaryIO) -> dict[str, Any] | None:
@@ -78,39 +75,53 @@ def run_call(payload: bytes, dep_results: dict[str, bytes]) -> dict[str, Any]:
         return {"state": "failed", "reason": "error", "error": _error(exc), "error_pickle": pickled}
 
 
-def run_command(command: dict[str, Any]) -> dict[str, Any]:
-    run = command["run"]
-    argv = ["sh", "-c", run] if isinstance(run, str) else list(run)
-    env = {**os.environ, **(command.get("env") or {})}
-    try:
-        proc = subprocess.run(
-            argv, env=env, cwd=command.get("cwd") or None, capture_output=True, check=False
+class _Commands:
+    """Runs command tasks; imported and built on the first one (call-only workers start faster).
+
+    Keeps one datastore client per coordinator across tasks, so its
+    connection is reused.
+    """
+
+    def __init__(self, wfile: BinaryIO) -> None:
+        self._wfile = wfile
+        self._data: Any = None
+        self._data_key: tuple[str, str] | None = None
+
+    def run(self, frame: dict[str, Any]) -> dict[str, Any]:
+        from herder.agent.phases import PhaseContext, run_command_task
+        from herder.model import CommandSpec
+
+        ctx = PhaseContext(
+            task_id=frame["task_id"],
+            attempt=frame["attempt"],
+            job_id=frame["job_id"],
+            name=frame.get("name"),
+            scratch_root=Path(frame["scratch_root"]),
+            data=self._client(frame.get("data")),
+            timeout_s=frame.get("timeout_s"),
+            on_spawn=lambda pgid: _write_frame(self._wfile, {"event": "spawned", "pgid": pgid}),
         )
-    except OSError as exc:
-        return {"state": "failed", "reason": "error", "error": _error(exc)}
-    output = {
-        "returncode": proc.returncode,
-        "stdout_tail": proc.stdout[-_TAIL:].decode(errors="replace"),
-        "stderr_tail": proc.stderr[-_TAIL:].decode(errors="replace"),
-    }
-    if proc.returncode == 0:
-        return {"state": "succeeded", "output": output}
-    return {
-        "state": "failed",
-        "reason": "exit code",
-        "output": output,
-        "error": {
-            "type": "CommandFailed",
-            "message": f"{argv[0]} exited with code {proc.returncode}",
-            "traceback": output["stderr_tail"],
-        },
-    }
+        return run_command_task(CommandSpec.model_validate(frame["command"]), ctx)
+
+    def _client(self, data: dict[str, Any] | None) -> Any:
+        if data is None:
+            return None
+        key = (data["url"], data["bearer"])
+        if self._data_key != key:
+            from herder.dataclient import DataClient
+
+            if self._data is not None:
+                self._data.close()
+            self._data = DataClient(data["url"], data["bearer"], data["ca_pem"])
+            self._data_key = key
+        return self._data
 
 
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     rfile = sock.makefile("rb")
     wfile = sock.makefile("wb")
+    commands = _Commands(wfile)
     while True:
         frame = _read_frame(rfile)
         if frame is None:
@@ -119,7 +130,7 @@ def main(fd: int) -> None:
         if frame["kind"] == "call":
             out = run_call(frame["payload"], frame.get("dep_results") or {})
         else:
-            out = run_command(frame["command"])
+            out = commands.run(frame)
         out["started_at"] = started
         out["ended_at"] = time.time()
         _write_frame(wfile, out)

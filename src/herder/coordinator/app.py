@@ -8,18 +8,20 @@ the store, and shape the answer.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from herder import protocol, security
 from herder.errors import StoreError, SubmissionError
 from herder.model import CommandSpec, TaskSpec, TaskState
 
+from .data_routes import data_router
 from .sessions import ClientSession
 
 if TYPE_CHECKING:
@@ -55,6 +57,35 @@ class CancelIn(BaseModel):
     job_id: str | None = None
 
 
+def _parse_submission(raw: bytes) -> tuple[SubmitIn, list[TaskSpec]]:
+    """A JSON submission as TaskSpecs; a bad one raises HTTPException naming the task."""
+    try:
+        body = SubmitIn.model_validate_json(raw)
+    except ValidationError as exc:
+        raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from exc
+    specs = []
+    for i, t in enumerate(body.tasks):
+        try:
+            specs.append(
+                TaskSpec(
+                    id=t.id,
+                    kind=t.kind,  # type: ignore[arg-type]
+                    name=t.name,
+                    payload=base64.b64decode(t.payload_b64) if t.payload_b64 else None,
+                    command=t.command,
+                    depends_on=t.depends_on,
+                    priority=t.priority,
+                    max_attempts=t.max_attempts,
+                    timeout_s=t.timeout_s,
+                    labels=t.labels,
+                    run_on_failure=t.run_on_failure,
+                )
+            )
+        except ValueError as exc:
+            raise HTTPException(422, f"tasks[{i}] ({t.name or t.id}): {exc}") from exc
+    return body, specs
+
+
 def create_app(coord: Coordinator) -> FastAPI:
     app = FastAPI(title="herder coordinator", version="1")
 
@@ -69,6 +100,8 @@ def create_app(coord: Coordinator) -> FastAPI:
     @app.exception_handler(StoreError)
     async def _store_down(_: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    app.include_router(data_router(coord), dependencies=auth)
 
     @app.get("/v1/ca")
     async def ca() -> Response:
@@ -95,27 +128,10 @@ def create_app(coord: Coordinator) -> FastAPI:
         }
 
     @app.post("/v1/tasks", dependencies=auth)
-    async def submit(body: SubmitIn) -> dict[str, Any]:
-        specs = []
-        for i, t in enumerate(body.tasks):
-            try:
-                specs.append(
-                    TaskSpec(
-                        id=t.id,
-                        kind=t.kind,  # type: ignore[arg-type]
-                        name=t.name,
-                        payload=base64.b64decode(t.payload_b64) if t.payload_b64 else None,
-                        command=t.command,
-                        depends_on=t.depends_on,
-                        priority=t.priority,
-                        max_attempts=t.max_attempts,
-                        timeout_s=t.timeout_s,
-                        labels=t.labels,
-                        run_on_failure=t.run_on_failure,
-                    )
-                )
-            except ValueError as exc:
-                raise HTTPException(422, f"tasks[{i}] ({t.name or t.id}): {exc}") from exc
+    async def submit(request: Request) -> dict[str, Any]:
+        # Parsed and checked in a thread: a 100,000-task file takes a second or
+        # more of pydantic work, which must not stall heartbeats and results.
+        body, specs = await asyncio.to_thread(_parse_submission, await request.body())
         try:
             await coord.submit(body.job_id, body.job_name, specs, None)
         except SubmissionError as exc:

@@ -29,7 +29,8 @@ from fastapi import WebSocket
 
 from herder import protocol, security
 from herder.config import Settings
-from herder.errors import StoreError, SubmissionError
+from herder.datastore import Datastore
+from herder.errors import InvalidTransition, StoreError, SubmissionError
 from herder.fleet import LocalFleet
 from herder.model import (
     NodeRecord,
@@ -78,6 +79,7 @@ class Coordinator:
         *,
         local_agents: int = 0,
         local_slots: int = 1,
+        local_idle_exit: float | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         self.settings = settings
@@ -86,6 +88,7 @@ class Coordinator:
         self.tls = security.ensure_tls(settings.tls_dir, [settings.listen_host])
         self.ca_pem = self.tls.ca_cert.read_bytes()
         self.fingerprint = security.ca_fingerprint(self.ca_pem)
+        self.datastore = Datastore(settings.datastore, settings.datastore_options)
         self._sock = self._bind()
         port = self._sock.getsockname()[1]
         self.url = settings.url.rsplit(":", 1)[0] + f":{port}"
@@ -106,6 +109,7 @@ class Coordinator:
         self._stopped = asyncio.Event()
         self._ready = asyncio.Event()
         self._orphan_deadline: dict[str, float] = {}
+        self._retired: set[str] = set()  # local nodes that left for want of work
         self._dispatched = 0
         self._completed = 0
         self._started_at = time.time()
@@ -115,8 +119,11 @@ class Coordinator:
                 slots=local_slots,
                 home=settings.home,
                 env=env if env is not None else dict(os.environ),
+                idle_exit=local_idle_exit,
             ),
             desired=local_agents,
+            slots=local_slots,
+            on_demand=local_idle_exit is not None,
         )
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -392,9 +399,17 @@ class Coordinator:
             session.closed = True
             if self.agents.get(session.node_id) is session:
                 del self.agents[session.node_id]
-                self._orphan_deadline[session.node_id] = (
-                    session.last_heard + self.settings.timeouts.lost_after_s
-                )
+                left = session.bye is not None and not session.outstanding
+                if left:  # it said goodbye holding nothing: terminated, not lost
+                    try:
+                        await self._terminated(session)
+                    except StoreError as exc:
+                        log.error("node %s left; not recorded yet: %s", session.node_id, exc)
+                        left = False
+                if not left:
+                    self._orphan_deadline[session.node_id] = (
+                        session.last_heard + self.settings.timeouts.lost_after_s
+                    )
 
     async def _pair(self, ws: WebSocket, peer: str) -> AgentSession | None:
         await ws.accept()
@@ -479,7 +494,9 @@ class Coordinator:
             prefetch=hello.prefetch,
             labels=hello.labels,
             ws=ws,
+            provider=record.provider,
         )
+        self._retired.discard(hello.node_id)
         task_of = dict((lid, tid) for tid, lid in held)
         session.outstanding = {lid: task_of[lid] for lid in adopted}
         self.agents[hello.node_id] = session
@@ -525,15 +542,22 @@ class Coordinator:
             self._wake.set()
         elif isinstance(msg, protocol.Bye):
             session.draining = True
+            session.bye = msg.reason
             log.info("agent %s leaving: %s", session.node_id, msg.reason)
             reason = Reason.IDLE if msg.reason == "idle" else Reason.DRAINED
+            if reason is Reason.IDLE:
+                # It holds nothing and runs nothing more: whatever was sent its way
+                # while it decided to go comes back at once (not charged an attempt).
+                if session.provider == self.fleet.provider.name:
+                    self._retired.add(session.node_id)
+                self._released.extend((tid, lid) for lid, tid in session.outstanding.items())
+                session.outstanding.clear()
+                self._wake.set()
             await self.store.set_node_state(
                 session.node_id, NodeState.DRAINING, reason, time.time()
             )
             if not session.outstanding:
-                await self.store.set_node_state(
-                    session.node_id, NodeState.TERMINATED, reason, time.time()
-                )
+                await self._terminated(session)
         else:
             raise protocol.ProtocolError(f"unexpected {type(msg).__name__} after pairing")
 
@@ -596,7 +620,11 @@ class Coordinator:
                 if len(got) == req.limit:
                     self._wake.set()
                 agent = self.agents.get(req.node_id)
-                if got and agent is not None:
+                if got and (agent is None or agent.draining or agent.closed):
+                    # it left (or said goodbye) during this turn: it never sees these
+                    self._released.extend((c.task_id, c.lease_id) for c in got)
+                    self._wake.set()
+                elif got and agent is not None:
                     outbox.setdefault(agent, []).append(self._assign(agent, got))
             for session, messages in outbox.items():  # one frame per agent per turn
                 self._spawn(session.send(*messages))
@@ -652,6 +680,8 @@ class Coordinator:
                     command=c.command,
                     timeout_s=c.timeout_s,
                     dep_results=c.dep_results,
+                    job_id=c.job_id,
+                    name=c.name,
                 )
                 for c in claimed
             ]
@@ -705,26 +735,64 @@ class Coordinator:
     async def mark_lost(self, node_id: str, reason: str) -> None:
         """A node is gone: record it and requeue its leases (attempt charged)."""
         now = time.time()
-        node = await self.store.set_node_state(node_id, NodeState.LOST, reason, now)
+        try:
+            node = await self.store.set_node_state(node_id, NodeState.LOST, reason, now)
+        except InvalidTransition:  # it said goodbye first: terminated stays terminated
+            node = None
         changes = await self.store.requeue_node(node_id, reason, now)
         if node is not None:
             log.info("node %s lost (%s): %d tasks requeued", node_id, reason, len(changes.requeued))
         self._apply(changes)
 
+    async def _terminated(self, session: AgentSession) -> None:
+        """A node that said goodbye and holds no lease: record it as terminated."""
+        reason = Reason.IDLE if session.bye == "idle" else Reason.DRAINED
+        await self.store.set_node_state(session.node_id, NodeState.TERMINATED, reason, time.time())
+
     async def _fleet_loop(self) -> None:
-        """Keep the local agents at the desired count; a dead one is replaced at once."""
+        """Keep the local agents as the fleet's policy asks; a dead one is replaced at once.
+
+        A node whose process exited while its connection is still being read
+        is decided on a later pass, once its last frames (a goodbye?) are in.
+        """
+        exited: set[str] = set()
         while True:
             if not self.is_stopping:
                 try:
-                    for exited in await self.fleet.reconcile():
-                        agent = self.agents.pop(exited, None)
-                        if agent is not None:
-                            agent.closed = True
-                        self._orphan_deadline.pop(exited, None)
-                        await self.mark_lost(exited, "process exited")
+                    exited.update(await self.fleet.reap())
+                    for node_id in sorted(exited):
+                        session = self.agents.get(node_id)
+                        if session is None or session.closed:
+                            exited.discard(node_id)
+                            await self._on_exited(node_id)
+                    await self.fleet.reconcile(
+                        paired=set(self.agents),
+                        leaving=self._retired
+                        | {n for n, a in self.agents.items() if a.bye is not None},
+                        ready_work=self._ready_for_local,
+                    )
                 except StoreError as exc:
                     log.error("fleet pass postponed: %s", exc)
             await asyncio.sleep(self.settings.timeouts.replace_check_s)
+
+    async def _on_exited(self, node_id: str) -> None:
+        if node_id in self._retired:
+            self._retired.discard(node_id)
+            log.info("node %s retired (idle): not replaced", node_id)
+            return
+        log.warning("node %s exited", node_id)
+        agent = self.agents.pop(node_id, None)
+        if agent is not None:
+            agent.closed = True
+        self._orphan_deadline.pop(node_id, None)
+        await self.mark_lost(node_id, "process exited")
+
+    async def _ready_for_local(self, limit: int) -> int:
+        """Ready tasks a local agent (no labels) could run, counted up to ``limit``."""
+        if self._ready_hint <= 0:
+            return 0
+        keys = [k for k in self._known_ckeys if labels_match(k, {})]
+        return await self.store.count_ready(keys, limit)
 
 
 def _task_result(i: protocol.ResultItem) -> TaskResult:

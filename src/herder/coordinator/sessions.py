@@ -32,6 +32,8 @@ class AgentSession:
     last_heard: float = field(default_factory=time.monotonic)
     draining: bool = False
     closed: bool = False
+    provider: str = "joined"
+    bye: str | None = None  # the reason it gave when it said goodbye
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property

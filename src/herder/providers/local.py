@@ -31,9 +31,18 @@ ORPHAN_AFTER_S = 120.0
 class LocalProvider(Provider):
     name = "local"
 
-    def __init__(self, *, join: str, slots: int, home: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        *,
+        join: str,
+        slots: int,
+        home: Path,
+        env: dict[str, str],
+        idle_exit: float | None = None,
+    ) -> None:
         self._join = join
         self._slots = slots
+        self._idle_exit = idle_exit
         self._home = home
         self._env = env
         self._pids: dict[str, int] = {}
@@ -63,6 +72,10 @@ class LocalProvider(Provider):
         for _ in range(count):
             node_id = f"local-{secrets.token_hex(4)}"
             env = {**self._env, "HERDER_JOIN": self._join}
+            # Only the fleet's policy decides whether its agents retire: an
+            # inherited HERDER_IDLE_EXIT would have them leave and be replaced forever.
+            env.pop("HERDER_IDLE_EXIT", None)
+            idle = [] if self._idle_exit is None else ["--idle-exit", str(self._idle_exit)]
             log = await asyncio.to_thread(open, logs / f"{node_id}.log", "ab")
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -78,6 +91,7 @@ class LocalProvider(Provider):
                     self.name,
                     "--orphan-after",
                     str(ORPHAN_AFTER_S),
+                    *idle,
                     env=env,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,

@@ -40,6 +40,8 @@ class Claimed:
     command: CommandSpec | None
     timeout_s: float | None
     dep_results: dict[str, bytes]
+    job_id: str = ""
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def ready_constraint_keys(self) -> list[str]:
         """The distinct placement constraints among ready tasks ('' included if any)."""
+
+    @abc.abstractmethod
+    async def count_ready(self, constraint_keys: list[str], limit: int) -> int:
+        """Ready tasks under these constraint keys, counted up to ``limit`` (cheap)."""
 
     @abc.abstractmethod
     async def mark_running(self, leases: list[tuple[str, str]], now: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -97,6 +97,7 @@ attempts = sa.Table(
     sa.Column("outcome", sa.String(16)),
     sa.Column("reason", sa.String(256)),
     sa.Column("error", sa.JSON),
+    sa.Column("phases", sa.JSON),  # a command's fetch/run/upload/cleanup, each timed
 )
 sa.Index("ix_attempts_task", attempts.c.task_id)
 

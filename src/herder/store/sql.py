@@ -51,7 +51,7 @@ from herder.store.base import (
     Submission,
     TaskResult,
 )
-from herder.store.statements import ACTIVE, HotStatements
+from herder.store.statements import ACTIVE, HotStatements, state_is
 
 T = TypeVar("T")
 _CHUNK = 2000  # bound on parameters in one IN (...) list
@@ -298,7 +298,7 @@ class SqlStore(Store):
                         "ckey": s.constraint_key(),
                         "labels": s.labels,
                         "payload": s.payload,
-                        "command": s.command.model_dump() if s.command else None,
+                        "command": _command_json(s.command),
                         "n_deps": len(s.depends_on),
                         "pending_deps": pending,
                         "run_on_failure": s.run_on_failure,
@@ -347,6 +347,21 @@ class SqlStore(Store):
                 sa.select(_t.c.ckey).where(_t.c.state == TaskState.READY.value).distinct()
             )
             return [r[0] for r in res]
+
+        return await self._read(_tx)
+
+    async def count_ready(self, constraint_keys: list[str], limit: int) -> int:
+        if not constraint_keys or limit <= 0:
+            return 0
+        head = (
+            sa.select(_t.c.id)
+            .where(_t.c.state == TaskState.READY.value, _t.c.ckey.in_(constraint_keys))
+            .limit(limit)
+            .subquery()
+        )  # reads at most ``limit`` entries of the ready index
+
+        def _tx(conn: Connection) -> Any:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(head)).scalar() or 0)
 
         return await self._read(_tx)
 
@@ -440,6 +455,8 @@ class SqlStore(Store):
                 command=CommandSpec.model_validate(r.command) if r.command else None,
                 timeout_s=r.timeout_s,
                 dep_results=dep_results.get(r.id, {}),
+                job_id=r.job_id,
+                name=r.name,
             )
             for r in rows
         ]
@@ -527,6 +544,7 @@ class SqlStore(Store):
                     "outcome": r.state.value,
                     "reason": _clip(r.reason),
                     "error": r.error,
+                    "phases": (r.output or {}).get("phases"),
                 }
             )
             if r.state is TaskState.FAILED and row.attempt < row.max_attempts:
@@ -633,7 +651,7 @@ class SqlStore(Store):
             for dchunk in _chunks(sorted(dependents)):
                 res = conn.execute(
                     sa.select(_t.c.id, _t.c.run_on_failure).where(
-                        _t.c.id.in_(dchunk), _t.c.state == TaskState.WAITING.value
+                        _t.c.id.in_(dchunk), state_is(TaskState.WAITING.value)
                     )
                 )
                 for tid, rof in res:
@@ -685,7 +703,7 @@ class SqlStore(Store):
         for chunk in _chunks(ids):
             conn.execute(
                 _t.update()
-                .where(_t.c.id.in_(chunk), _t.c.state == TaskState.WAITING.value)
+                .where(_t.c.id.in_(chunk), state_is(TaskState.WAITING.value))
                 .values(state=TaskState.FAILED.value, reason=reason, error=error, finished_at=now)
             )
         changes.finals.extend(
@@ -831,20 +849,21 @@ class SqlStore(Store):
                 _t.c.attempt,
                 _t.c.leased_at,
                 _t.c.started_at,
-            ).where(_t.c.state.in_(cancellable))
+            )
             rows: list[Any] = []
             if task_ids is not None:
                 for chunk in _chunks(task_ids):
-                    rows.extend(conn.execute(q.where(_t.c.id.in_(chunk))))
+                    rows.extend(conn.execute(q.where(_t.c.id.in_(chunk), state_is(*cancellable))))
             if job_id is not None:
-                rows.extend(conn.execute(q.where(_t.c.job_id == job_id)))
+                by_job = q.where(_t.c.job_id == job_id, _t.c.state.in_(cancellable))
+                rows.extend(conn.execute(by_job))
             if not rows:
                 return changes
             ids = sorted({r.id for r in rows})
             for chunk in _chunks(ids):
                 conn.execute(
                     _t.update()
-                    .where(_t.c.id.in_(chunk), _t.c.state.in_(cancellable))
+                    .where(_t.c.id.in_(chunk), state_is(*cancellable))
                     .values(
                         state=TaskState.CANCELLED.value,
                         reason=Reason.CANCELLED.value,
@@ -977,6 +996,8 @@ class SqlStore(Store):
                     ended_at=r.ended_at,
                     outcome=r.outcome,
                     reason=r.reason,
+                    error=r.error,
+                    phases=r.phases,
                 )
                 for r in res
             ] + current
@@ -998,7 +1019,7 @@ class SqlStore(Store):
                         _t.c.error,
                         _t.c.error_pickle,
                         _t.c.output,
-                    ).where(_t.c.id.in_(chunk), _t.c.state.in_(finals))
+                    ).where(_t.c.id.in_(chunk), state_is(*finals))
                 )
                 out.extend(
                     Final(
@@ -1189,6 +1210,11 @@ class SqlStore(Store):
         return await self._read(_tx)
 
 
+def _command_json(command: CommandSpec | None) -> dict[str, Any] | None:
+    """A command as stored: fields left at their defaults are left out (100k tasks, 100k times)."""
+    return None if command is None else command.model_dump(exclude_defaults=True, by_alias=True)
+
+
 def _clip(text: str | None) -> str | None:
     """Fit agent-supplied text to its column.
 
@@ -1219,6 +1245,7 @@ def _attempt_row(
         "outcome": outcome,
         "reason": reason,
         "error": None,
+        "phases": None,
     }
 
 

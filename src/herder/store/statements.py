@@ -37,11 +37,25 @@ _LEASE_COLUMNS = (
     _t.c.n_deps,
     _t.c.seq,
     _t.c.priority,
+    _t.c.job_id,
+    _t.c.name,
 )
 
 
 def _ids() -> sa.BindParameter[Any]:
     return sa.bindparam("ids", expanding=True)
+
+
+def state_is(*states: str) -> sa.ColumnElement[bool]:
+    """``state IN (states)`` that no index serves: for rows already picked by id.
+
+    Given ``id IN (...) AND state = 'waiting'``, SQLite's planner (which has
+    no statistics) may walk the state index, every waiting task, instead
+    of looking up the listed ids: measured 11 ms instead of 0.03 ms with
+    50,000 tasks waiting. Wrapping the column leaves the primary key as the
+    only usable index, on both dialects.
+    """
+    return sa.func.coalesce(_t.c.state, "").in_(states)
 
 
 class HotStatements:
@@ -79,7 +93,7 @@ class HotStatements:
             .order_by(_t.c.priority.desc(), _t.c.seq)
             .limit(sa.bindparam("limit"))
         )
-        by_ids = sa.select(_t.c.id).where(_t.c.id.in_(ids()), _t.c.state == READY)
+        by_ids = sa.select(_t.c.id).where(_t.c.id.in_(ids()), state_is(READY))
         if not is_sqlite:
             by_key = by_key.with_for_update(skip_locked=True)
             by_ids = by_ids.with_for_update(skip_locked=True)
@@ -87,7 +101,7 @@ class HotStatements:
         self.claim_by_ids = self._lease(by_ids)
         self.dep_edges = sa.select(_d.c.task_id, _d.c.dep_id).where(_d.c.task_id.in_(ids()))
         self.dep_values = sa.select(_t.c.id, _t.c.result).where(
-            _t.c.id.in_(ids()), _t.c.state == TaskState.SUCCEEDED.value
+            _t.c.id.in_(ids()), state_is(TaskState.SUCCEEDED.value)
         )
         self.mark_running = (
             _t.update()
@@ -148,7 +162,7 @@ class HotStatements:
         )
         self.wake_ready = (
             _t.update()
-            .where(_t.c.id.in_(ids()), _t.c.state == WAITING, _t.c.pending_deps <= 0)
+            .where(_t.c.id.in_(ids()), state_is(WAITING), _t.c.pending_deps <= 0)
             .values(state=READY)
         )
 

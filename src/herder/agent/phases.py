@@ -1,0 +1,283 @@
+"""A command task's four phases: fetch, run, upload, cleanup.
+
+Each attempt gets a fresh directory ``<scratch_root>/<task>-<attempt>/``
+holding ``work/`` (where inputs land, the command runs and outputs are
+globbed) and the captured ``stdout`` and ``stderr`` beside it, so that an
+upload pattern like ``*`` never picks up the logs. Cleanup always runs,
+also after a failure or a timeout, unless ``keep_scratch``.
+
+Runs in the slot's worker process, and in ``herder task ID --rerun-here``
+with ``echo`` set so that every step is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from herder.dataclient import DataClient
+from herder.errors import DatastoreError, DatastoreFull, DatastoreUnavailable, ObjectMissing
+from herder.model import CommandSpec, FetchSpec
+
+TAIL_BYTES = 4096
+_CHUNK = 1 << 20
+
+
+def job_prefix(job_id: str) -> str:
+    """Where a job's outputs live in the datastore."""
+    return f"jobs/{job_id}/"
+
+
+def output_prefix(job_id: str, task: str) -> str:
+    """Where a task's uploaded outputs live: ``jobs/<job>/<task name or id>/``."""
+    return f"{job_prefix(job_id)}{task}/"
+
+
+def attempt_dir(scratch_root: Path, task_id: str, attempt: int) -> Path:
+    return scratch_root / f"{task_id}-{attempt}"
+
+
+@dataclass
+class PhaseContext:
+    """What the phases need besides the command itself."""
+
+    task_id: str
+    attempt: int
+    job_id: str
+    name: str | None
+    scratch_root: Path
+    data: DataClient | None  # None: no datastore reachable; fetch by key or upload fails
+    timeout_s: float | None = None
+    echo: Callable[[str], None] | None = None
+    # Called with the process group of the command once it is started, so the
+    # caller can kill it too on cancel (it leads its own group; see _run).
+    on_spawn: Callable[[int], None] | None = None
+    upload: bool = True  # False: list what would be uploaded, write nothing (--rerun-here)
+    phases: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def task_label(self) -> str:
+        return self.name or self.task_id
+
+    def say(self, text: str) -> None:
+        if self.echo is not None:
+            self.echo(text)
+
+
+class PhaseFailed(Exception):
+    """A phase went wrong; ``reason`` is the task's reason (``input_missing``, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def _phase(ctx: PhaseContext, name: str) -> Iterator[dict[str, Any]]:
+    record: dict[str, Any] = {"phase": name, "start": time.time(), "outcome": "ok"}
+    ctx.phases.append(record)
+    ctx.say(f"[{name}] start")
+    try:
+        yield record
+    except PhaseFailed as exc:
+        record["outcome"] = exc.reason
+        record["detail"] = str(exc)
+        raise
+    except BaseException as exc:
+        record["outcome"] = "error"
+        record["detail"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        record["end"] = time.time()
+        ctx.say(
+            f"[{name}] {record['outcome']} in {record['end'] - record['start']:.2f}s"
+            + (f": {record['detail']}" if "detail" in record else "")
+        )
+
+
+def run_command_task(command: CommandSpec, ctx: PhaseContext) -> dict[str, Any]:
+    """Run the four phases; returns the worker's outcome map (never raises for task faults)."""
+    home = attempt_dir(ctx.scratch_root, ctx.task_id, ctx.attempt)
+    work = home / "work"
+    shutil.rmtree(home, ignore_errors=True)  # a leftover of a killed earlier run
+    work.mkdir(parents=True)
+    output: dict[str, Any] = {"phases": ctx.phases, "scratch": str(home)}
+    failure: PhaseFailed | None = None
+    try:
+        with _phase(ctx, "fetch"):
+            for spec in command.fetch:
+                _fetch(spec, work, ctx)
+        with _phase(ctx, "run"):
+            output["returncode"] = _run(command, home, work, ctx)
+        with _phase(ctx, "upload"):
+            output["uploads"] = _upload(command.upload, work, ctx)
+    except PhaseFailed as exc:
+        failure = exc
+    except Exception as exc:  # a bug or an OS fault in a phase: a failed task, said plainly
+        failure = PhaseFailed("error", f"{type(exc).__name__}: {exc}")
+    finally:
+        output["stdout_tail"] = _tail(home / "stdout")
+        output["stderr_tail"] = _tail(home / "stderr")
+        with _phase(ctx, "cleanup") as record:
+            if command.keep_scratch:
+                record["outcome"] = "kept"
+                record["detail"] = str(home)
+            else:
+                shutil.rmtree(home, ignore_errors=True)
+                output.pop("scratch")
+    if failure is None:
+        return {"state": "succeeded", "output": output}
+    phase = next((p["phase"] for p in ctx.phases if p["outcome"] not in ("ok", "kept")), "?")
+    return {
+        "state": "failed",
+        "reason": failure.reason,
+        "output": output,
+        "error": {
+            "type": "PhaseFailed",
+            "phase": phase,
+            "message": f"{phase}: {failure}",
+            "traceback": output["stderr_tail"],
+        },
+    }
+
+
+# --- fetch -------------------------------------------------------------------------
+
+
+def _fetch(spec: FetchSpec, work: Path, ctx: PhaseContext) -> None:
+    target = work / spec.target()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if spec.url is not None:
+        ctx.say(f"  {spec.url} -> {spec.target()}")
+        _download(spec.url, target)
+        return
+    if spec.key is not None:
+        key = spec.key
+    else:
+        key = output_prefix(ctx.job_id, spec.from_task or "") + (spec.path or "")
+    ctx.say(f"  {key} -> {spec.target()}")
+    if ctx.data is None:
+        raise PhaseFailed("datastore_unavailable", f"no datastore to fetch {key!r} from")
+    try:
+        ctx.data.get_file(key, target)
+    except ObjectMissing as exc:
+        raise PhaseFailed("input_missing", f"input {key!r} is not in the datastore") from exc
+    except DatastoreFull as exc:
+        raise PhaseFailed("disk_full", f"no space to fetch {key!r} into {target}") from exc
+    except DatastoreUnavailable as exc:
+        raise PhaseFailed("datastore_unavailable", f"fetching {key!r}: {exc}") from exc
+    except DatastoreError as exc:
+        raise PhaseFailed("fetch_failed", f"fetching {key!r}: {exc}") from exc
+
+
+def _download(url: str, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        with (
+            httpx.stream("GET", url, follow_redirects=True, timeout=60) as response,
+            open(tmp, "wb") as out,
+        ):
+            if response.status_code == 404:
+                raise PhaseFailed("input_missing", f"input {url} answered 404 Not Found")
+            if response.status_code >= 400:
+                raise PhaseFailed("fetch_failed", f"input {url} answered {response.status_code}")
+            for chunk in response.iter_bytes(_CHUNK):
+                out.write(chunk)
+        os.replace(tmp, target)
+    except httpx.HTTPError as exc:
+        raise PhaseFailed("fetch_failed", f"input {url}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- run ---------------------------------------------------------------------------
+
+
+def _run(command: CommandSpec, home: Path, work: Path, ctx: PhaseContext) -> int:
+    """Run the command with its output captured to files; raise PhaseFailed unless it exits 0.
+
+    The command leads its own process group, so a timeout kills everything it
+    started and nothing else; ``on_spawn`` tells the caller the group, so a
+    cancel (which kills the worker) takes the command down too.
+    """
+    argv = command.argv()
+    cwd = work / command.cwd if command.cwd else work
+    env = {**os.environ, **command.env, "HERDER_TASK_ID": ctx.task_id, "HERDER_JOB": ctx.job_id}
+    ctx.say(f"  $ {' '.join(argv)}  (in {cwd})")
+    with open(home / "stdout", "wb") as out, open(home / "stderr", "wb") as err:
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+            )
+        except OSError as exc:
+            raise PhaseFailed("error", f"cannot start {argv[0]}: {exc}") from exc
+        if ctx.on_spawn is not None:
+            ctx.on_spawn(proc.pid)
+        try:
+            code = proc.wait(timeout=ctx.timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise PhaseFailed("timeout", f"ran past its timeout of {ctx.timeout_s}s") from None
+        finally:
+            # whatever the command left running in its group goes with it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if code != 0:
+        raise PhaseFailed("exit code", f"{argv[0]} exited with code {code}")
+    return code
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+# --- upload ------------------------------------------------------------------------
+
+
+def _upload(patterns: list[str], work: Path, ctx: PhaseContext) -> list[dict[str, Any]]:
+    files: dict[str, Path] = {}
+    for pattern in patterns:
+        matched = [p for p in sorted(work.glob(pattern)) if p.is_file()]
+        if not matched:
+            raise PhaseFailed("output_missing", f"upload pattern {pattern!r} matched no file")
+        for path in matched:
+            files.setdefault(path.relative_to(work).as_posix(), path)
+    if files and ctx.upload and ctx.data is None:
+        raise PhaseFailed("datastore_unavailable", "no datastore to upload outputs to")
+    prefix = output_prefix(ctx.job_id, ctx.task_label)
+    uploads: list[dict[str, Any]] = []
+    for rel, path in files.items():
+        key = prefix + rel
+        if not ctx.upload:
+            ctx.say(f"  {rel} would go to {key} (not uploaded)")
+            uploads.append({"key": key, "size": path.stat().st_size, "sha256": None})
+            continue
+        ctx.say(f"  {rel} -> {key}")
+        assert ctx.data is not None
+        try:
+            info = ctx.data.put_file(key, path)
+        except DatastoreFull as exc:
+            raise PhaseFailed("datastore_full", f"the datastore is full uploading {key!r}") from exc
+        except DatastoreUnavailable as exc:
+            raise PhaseFailed("datastore_unavailable", f"uploading {key!r}: {exc}") from exc
+        except DatastoreError as exc:
+            raise PhaseFailed("upload_failed", f"uploading {key!r}: {exc}") from exc
+        uploads.append({"key": key, "size": info.size, "sha256": info.sha256})
+    return uploads
