@@ -11,7 +11,6 @@ submission resent after a lost connection is stored once.
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
 import json
@@ -503,6 +502,12 @@ class AsyncClient:
     async def _post(self, path: str, body: Any) -> Any:
         return _json(await self.http.post(path, json=body))
 
+    async def _post_raw(self, path: str, body: str) -> Any:
+        """POST JSON already serialised (large bodies are made off the event loop)."""
+        return _json(
+            await self.http.post(path, content=body, headers={"content-type": "application/json"})
+        )
+
     async def cancel(
         self, *targets: TaskFuture | Future | str, job: str | None = None
     ) -> list[str]:
@@ -526,12 +531,8 @@ class AsyncClient:
     async def push(self, specs: list[TaskSpec], job_name: str | None = None) -> str:
         """Submit a parsed tasks file as one job, in one transaction; returns the job id."""
         job_id = new_id("j")
-        body = {
-            "job_id": job_id,
-            "job_name": job_name,
-            "tasks": [_spec_json(s) for s in specs],
-        }
-        await self._post("/v1/tasks", body)
+        body = protocol.JobSubmission(job_id=job_id, job_name=job_name, tasks=specs)
+        await self._post_raw("/v1/tasks", await asyncio.to_thread(body.model_dump_json))
         return job_id
 
     async def status(self) -> dict[str, Any]:
@@ -586,13 +587,6 @@ def _json(response: httpx.Response) -> Any:
             raise SubmissionError(f"{detail}")
         raise HerderError(f"coordinator answered {response.status_code}: {detail}")
     return response.json()
-
-
-def _spec_json(spec: TaskSpec) -> dict[str, Any]:
-    data = spec.model_dump(mode="json", exclude={"payload"})
-    if spec.payload is not None:
-        data["payload_b64"] = base64.b64encode(spec.payload).decode()
-    return data
 
 
 def _payload_with(pickled_fn: bytes, item: Any) -> bytes:

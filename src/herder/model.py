@@ -8,10 +8,13 @@ Nothing in this module does I/O.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import gc
 import re
 import secrets
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -260,9 +263,14 @@ class CommandSpec(BaseModel):
 
 
 class TaskSpec(BaseModel):
-    """One task as submitted. ``payload`` is opaque to the coordinator (never unpickled there)."""
+    """One task as submitted. ``payload`` is opaque to the coordinator (never unpickled there).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    In JSON (``POST /v1/tasks``) the payload is base64.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
+    )
 
     id: Annotated[str, Field(pattern=ID_PATTERN)]
     kind: Literal["call", "command"]
@@ -457,3 +465,39 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
             path.append(nxt)
             iters.append(iter(edges[nxt]))
     return None
+
+
+class _GcPause:
+    """Counts the threads inside :func:`gc_paused`; the last one out re-enables."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.was_enabled = True
+
+
+_gc_pause = _GcPause()
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a big batch of records is built.
+
+    Parsing or storing 100,000 tasks allocates millions of objects that all
+    live on, so the collector runs again and again and finds nothing:
+    measured, 3.3 s of a 3.9 s parse (0.56 s without). Nothing built here
+    makes reference cycles. Nested and concurrent uses (a parse in one
+    thread, a store write in another) keep it off until the last one ends.
+    """
+    with _gc_pause.lock:
+        if _gc_pause.holders == 0:
+            _gc_pause.was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pause.holders += 1
+    try:
+        yield
+    finally:
+        with _gc_pause.lock:
+            _gc_pause.holders -= 1
+            if _gc_pause.holders == 0 and _gc_pause.was_enabled:
+                gc.enable()

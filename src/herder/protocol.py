@@ -21,6 +21,20 @@ VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
+class JobSubmission(BaseModel):
+    """The JSON body of ``POST /v1/tasks``: one job's tasks, stored all or nothing.
+
+    Validated straight into TaskSpecs by pydantic's core, no per-task Python
+    loop on either side: a 100,000-task push spends its time in the store.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    job_name: str | None = Field(default=None, max_length=256)
+    tasks: list[TaskSpec] = Field(min_length=1, max_length=1_000_000)
+
+
 class ProtocolError(ValueError):
     """A frame that does not follow protocol v1."""
 

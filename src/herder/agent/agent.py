@@ -103,7 +103,8 @@ class Agent:
         """How many tasks to hold queued beyond the slots.
 
         Fixed when configured; else enough for ``QUEUED_WORK_PER_SLOT_S`` of
-        work per slot at the recent average task length (an EWMA).
+        work per slot at the recent average turnaround of a busy slot (an
+        EWMA): the bound on how long a newly ready task waits behind the queue.
         """
         if self.config.prefetch is not None:
             return self.config.prefetch
@@ -402,10 +403,18 @@ class Agent:
     # --- running tasks ----------------------------------------------------------------
 
     async def _slot_loop(self, slot: Slot) -> None:
+        previous_start: float | None = None
         while True:
             while not self._queue or self._draining:
+                previous_start = None  # idle time is not a task's turnaround
                 self._queue_event.clear()
                 await self._queue_event.wait()
+            now = time.monotonic()
+            if previous_start is not None:
+                # start to start while busy: the task plus every overhead around
+                # it, i.e. how fast this slot really drains its queue
+                self._observe(now - previous_start)
+            previous_start = now
             assignment = self._queue.popleft()
             task = asyncio.create_task(self._execute(slot, assignment))
             self._running[assignment.lease_id] = (assignment, task)
@@ -420,14 +429,12 @@ class Agent:
     async def _execute(self, slot: Slot, a: protocol.Assignment) -> None:
         loop = asyncio.get_running_loop()
         handle = loop.call_later(STARTED_REPORT_DELAY_S, self._report_started, a)
-        began = time.monotonic()
         try:
             out = await slot.run(a)
         except asyncio.CancelledError:
             out = {"state": "cancelled", "reason": "cancelled"}
         finally:
             handle.cancel()
-        self._observe(time.monotonic() - began)
         item = protocol.ResultItem(
             task_id=a.task_id,
             lease_id=a.lease_id,

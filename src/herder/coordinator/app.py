@@ -9,17 +9,16 @@ the store, and shape the answer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from herder import protocol, security
 from herder.errors import StoreError, SubmissionError
-from herder.model import CommandSpec, TaskSpec, TaskState
+from herder.model import TaskState, gc_paused
 
 from .data_routes import data_router
 from .sessions import ClientSession
@@ -30,60 +29,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("herder.coordinator")
 
 
-class TaskIn(BaseModel):
-    """A task in a JSON submission; ``payload`` is base64 for call tasks."""
-
-    id: str
-    kind: str
-    name: str | None = None
-    payload_b64: str | None = None
-    command: CommandSpec | None = None
-    depends_on: list[str] = Field(default_factory=list)
-    priority: int = 0
-    max_attempts: int = 3
-    timeout_s: float | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    run_on_failure: bool = False
-
-
-class SubmitIn(BaseModel):
-    job_id: str
-    job_name: str | None = None
-    tasks: list[TaskIn] = Field(min_length=1, max_length=1_000_000)
-
-
 class CancelIn(BaseModel):
     task_ids: list[str] | None = None
     job_id: str | None = None
 
 
-def _parse_submission(raw: bytes) -> tuple[SubmitIn, list[TaskSpec]]:
-    """A JSON submission as TaskSpecs; a bad one raises HTTPException naming the task."""
+def _parse_submission(raw: bytes) -> protocol.JobSubmission:
+    """A JSON submission; a bad one raises HTTPException naming the task and the field."""
     try:
-        body = SubmitIn.model_validate_json(raw)
+        with gc_paused():
+            return protocol.JobSubmission.model_validate_json(raw)
     except ValidationError as exc:
-        raise HTTPException(422, exc.errors(include_url=False, include_input=False)) from exc
-    specs = []
-    for i, t in enumerate(body.tasks):
-        try:
-            specs.append(
-                TaskSpec(
-                    id=t.id,
-                    kind=t.kind,  # type: ignore[arg-type]
-                    name=t.name,
-                    payload=base64.b64decode(t.payload_b64) if t.payload_b64 else None,
-                    command=t.command,
-                    depends_on=t.depends_on,
-                    priority=t.priority,
-                    max_attempts=t.max_attempts,
-                    timeout_s=t.timeout_s,
-                    labels=t.labels,
-                    run_on_failure=t.run_on_failure,
-                )
-            )
-        except ValueError as exc:
-            raise HTTPException(422, f"tasks[{i}] ({t.name or t.id}): {exc}") from exc
-    return body, specs
+        first = exc.errors(include_url=False)[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise HTTPException(422, f"{where.lstrip('.')}: {message}{more}") from exc
 
 
 def create_app(coord: Coordinator) -> FastAPI:
@@ -131,7 +92,8 @@ def create_app(coord: Coordinator) -> FastAPI:
     async def submit(request: Request) -> dict[str, Any]:
         # Parsed and checked in a thread: a 100,000-task file takes a second or
         # more of pydantic work, which must not stall heartbeats and results.
-        body, specs = await asyncio.to_thread(_parse_submission, await request.body())
+        body = await asyncio.to_thread(_parse_submission, await request.body())
+        specs = body.tasks
         try:
             await coord.submit(body.job_id, body.job_name, specs, None)
         except SubmissionError as exc:

@@ -38,6 +38,7 @@ from herder.model import (
     TaskState,
     check_node_transition,
     find_cycle,
+    gc_paused,
     sources,
     valid_id,
 )
@@ -243,6 +244,8 @@ class SqlStore(Store):
         if cycle:
             raise SubmissionError("dependency cycle: " + " -> ".join(cycle), task_ids=cycle)
         external = sorted({d for s in specs for d in s.depends_on if d not in in_batch})
+        # known at insert for tasks of this batch; only older tasks need an UPDATE
+        depended_on = {d for s in specs for d in s.depends_on if d in in_batch}
 
         def _tx(conn: Connection) -> Any:
             existing = self._existing(conn, ids)
@@ -302,17 +305,17 @@ class SqlStore(Store):
                         "n_deps": len(s.depends_on),
                         "pending_deps": pending,
                         "run_on_failure": s.run_on_failure,
+                        "has_dependents": s.id in depended_on,
                         "created_at": now,
                     }
                 )
                 if state is TaskState.READY:
                     changes.newly_ready += 1
-            for chunk in _chunks(rows, 500):
-                conn.execute(self._sql.insert_tasks, list(chunk))
+            for chunk in _chunks(rows, 5000):
+                self._sql.insert_many(conn, _t, list(chunk))
             for dchunk in _chunks(dep_rows, 5000):
-                conn.execute(self._sql.insert_deps, list(dchunk))
-            targets = sorted({r["dep_id"] for r in dep_rows})
-            for tchunk in _chunks(targets):
+                self._sql.insert_many(conn, _d, list(dchunk))
+            for tchunk in _chunks(external):
                 conn.execute(self._sql.mark_dependents, {"ids": list(tchunk)})
             if doomed:
                 self._fail_waiting(conn, doomed, Reason.DEPENDENCY_FAILED, now, changes)
@@ -399,7 +402,8 @@ class SqlStore(Store):
         def _tx(conn: Connection) -> Any:
             for sub in submissions:
                 try:
-                    self._submit(conn, sub, now, changes)
+                    with gc_paused():
+                        self._submit(conn, sub, now, changes)
                     errors.append(None)
                 except SubmissionError as exc:
                     errors.append(exc)

@@ -10,10 +10,12 @@ callers keep them under the dialect's parameter limit (``_chunks``).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from herder.model import TaskState
 from herder.store import schema
@@ -76,8 +78,6 @@ class HotStatements:
         states = sa.select(_t.c.id, _t.c.state).where(_t.c.id.in_(ids()))
         self.states_locked = states if is_sqlite else states.with_for_update(read=True)
         self.insert_job = insert(schema.jobs).on_conflict_do_nothing()
-        self.insert_tasks = _t.insert()
-        self.insert_deps = _d.insert()
         self.mark_dependents = _t.update().where(_t.c.id.in_(ids())).values(has_dependents=True)
 
         # claims
@@ -165,6 +165,34 @@ class HotStatements:
             .where(_t.c.id.in_(ids()), state_is(WAITING), _t.c.pending_deps <= 0)
             .values(state=READY)
         )
+
+    def insert_many(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (dicts with the same keys) in one executemany.
+
+        On SQLite the rows go to the driver as tuples, JSON columns encoded
+        here: SQLAlchemy's per-row parameter processing took longer than
+        SQLite's insert itself (1.5 s of a 100,000-task push). PostgreSQL
+        keeps SQLAlchemy's path, whose JSON codecs its driver relies on.
+        """
+        if not rows:
+            return
+        if not self.is_sqlite:
+            conn.execute(table.insert(), rows)
+            return
+        names = list(rows[0])
+        encoded = [i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON)]
+        sql = (
+            f"INSERT INTO {table.name} ({', '.join(names)}) "
+            f"VALUES ({', '.join('?' for _ in names)})"
+        )
+        params = []
+        for row in rows:
+            values = list(row.values())
+            for i in encoded:
+                if values[i] is not None:
+                    values[i] = json.dumps(values[i])
+            params.append(tuple(values))
+        conn.exec_driver_sql(sql, params)
 
     def _lease(self, pick: sa.Select[Any]) -> Any:
         """Lease the tasks ``pick`` selects to ``:node``, each under a fresh random lease id."""
