@@ -436,6 +436,9 @@ def task_detail(
         )
         if t["error"].get("traceback"):
             console.print(t["error"]["traceback"], highlight=False, markup=False)
+    for stream, text in (data.get("live") or {}).items():
+        console.print(f"--- {stream} (live, still running) ---")
+        console.print(text, highlight=False, markup=False, end="")
     if t["output"]:
         console.print(f"exit code {t['output'].get('returncode')}")
         for stream in ("stdout_tail", "stderr_tail"):

@@ -102,6 +102,22 @@ class Results(_Msg):
     prefetch: int | None = Field(default=None, ge=0, le=100_000)
 
 
+class OutputChunk(_Msg):
+    """New bytes a running command wrote to one of its streams."""
+
+    task_id: str
+    lease_id: str
+    stream: Literal["stdout", "stderr"]
+    data: bytes = Field(max_length=1 << 20)
+
+
+class Output(_Msg):
+    """Output of running commands, streamed while they run (tails are in the result)."""
+
+    t: Literal["output"] = "output"
+    chunks: list[OutputChunk]
+
+
 class Release(_Msg):
     """Leases handed back unstarted (a draining agent), so others can take them at once."""
 
@@ -207,7 +223,8 @@ class Done(_Msg):
 
 
 AgentMessage = Annotated[
-    Hello | Proof | Heartbeat | Started | Results | Release | Bye, Field(discriminator="t")
+    Hello | Proof | Heartbeat | Started | Results | Output | Release | Bye,
+    Field(discriminator="t"),
 ]
 CoordinatorMessage = Annotated[
     Challenge | Welcome | Refuse | Assign | Ack | Cancel | Drain, Field(discriminator="t")

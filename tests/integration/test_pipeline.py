@@ -281,3 +281,41 @@ def test_upload_pattern_that_matches_nothing_fails_the_task(
     task = task_named(herd, job, "forgetful")["task"]
     assert task["reason"] == "output_missing"  # type: ignore[index]
     assert "result-*.csv" in task["error"]["message"]  # type: ignore[index]
+
+
+def test_output_is_streamed_while_the_command_runs(herd: LocalHerd, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    job = push(
+        herd,
+        tmp_path,
+        f"""
+        [[tasks]]
+        name = "chatty"
+        run = "echo first line; echo to stderr >&2; while [ ! -e {release} ]; do sleep 0.1; done"
+        timeout = 60
+        """,
+    )
+    assert herd.client is not None
+    client = herd.client
+    task_id = wait_for(
+        lambda: next((t["id"] for t in client.tasks(job=job) if t["state"] == "running"), None),
+        30,
+        "the command to run",
+    )
+
+    def live() -> dict[str, str] | None:
+        streams: dict[str, str] | None = client.task(task_id)["live"]
+        if streams and "first line" in streams.get("stdout", "") and streams.get("stderr"):
+            return streams
+        return None
+
+    streams = wait_for(live, 10, "the running command's output to reach the coordinator")
+    assert streams["stderr"] == "to stderr\n"
+    shown = herder(herd.env(), "task", task_id).stdout
+    assert "stdout (live, still running)" in shown
+    assert "first line" in shown
+    release.touch()
+    wait_job(herd, job)
+    done = client.task(task_id)
+    assert done["live"] is None  # dropped once the result is in
+    assert done["task"]["output"]["stdout_tail"] == "first line\n"

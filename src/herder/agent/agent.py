@@ -78,13 +78,16 @@ class Agent:
         scratch = config.scratch_dir or Path(tempfile.gettempdir()) / "herder-scratch"
         # shared by every slot; "data" is filled in once the coordinator's CA is known
         self._task_context: dict[str, Any] = {"scratch_root": str(scratch), "data": None}
-        self._slots = [Slot(i, self._task_context) for i in range(config.slots)]
+        self._slots = [
+            Slot(i, self._task_context, on_output=self._on_output) for i in range(config.slots)
+        ]
         self._queue: deque[protocol.Assignment] = deque()
         self._queue_event = asyncio.Event()
         self._running: dict[str, tuple[protocol.Assignment, asyncio.Task[None]]] = {}
         self._unacked: dict[str, protocol.ResultItem] = {}
         self._out_results: list[protocol.ResultItem] = []
         self._out_started: list[protocol.HeldLease] = []
+        self._out_output: list[protocol.OutputChunk] = []
         self._flush_scheduled = False
         self._ws: ClientConnection | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -456,6 +459,20 @@ class Agent:
             self._out_started.append(protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id))
             self._schedule_flush()
 
+    def _on_output(self, a: protocol.Assignment, stream: str, data: bytes) -> None:
+        """A running command's new output: rides the next frame to the coordinator."""
+        if self._ws is None:
+            return  # live output is best effort; the result carries the tails
+        self._out_output.append(
+            protocol.OutputChunk(
+                task_id=a.task_id,
+                lease_id=a.lease_id,
+                stream=stream,  # type: ignore[arg-type]
+                data=data,
+            )
+        )
+        self._schedule_flush()
+
     def _schedule_flush(self) -> None:
         """Send on the next loop turn, so everything finished meanwhile shares one frame."""
         if not self._flush_scheduled:
@@ -471,6 +488,9 @@ class Agent:
         if self._out_started:
             messages.append(protocol.Started(leases=self._out_started, at=time.time()))
             self._out_started = []
+        if self._out_output:
+            messages.append(protocol.Output(chunks=self._out_output))
+            self._out_output = []
         if self._out_results:
             messages.append(protocol.Results(items=self._out_results, prefetch=self._prefetch()))
             self._out_results = []

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from herder.errors import DatastoreError, DatastoreFull, DatastoreUnavailable, O
 from herder.model import CommandSpec, FetchSpec
 
 TAIL_BYTES = 4096
+TAIL_EVERY_S = 0.5  # how often a running command's new output is streamed
+TAIL_CHUNK = 64 * 1024
 _CHUNK = 1 << 20
 
 
@@ -62,6 +65,8 @@ class PhaseContext:
     # Called with the process group of the command once it is started, so the
     # caller can kill it too on cancel (it leads its own group; see _run).
     on_spawn: Callable[[int], None] | None = None
+    # Called from a tailing thread with (stream, new bytes) while the command runs.
+    on_output: Callable[[str, bytes], None] | None = None
     upload: bool = True  # False: list what would be uploaded, write nothing (--rerun-here)
     phases: list[dict[str, Any]] = field(default_factory=list)
 
@@ -223,6 +228,7 @@ def _run(command: CommandSpec, home: Path, work: Path, ctx: PhaseContext) -> int
             raise PhaseFailed("error", f"cannot start {argv[0]}: {exc}") from exc
         if ctx.on_spawn is not None:
             ctx.on_spawn(proc.pid)
+        tail = _Tail(home, ctx.on_output) if ctx.on_output is not None else None
         try:
             code = proc.wait(timeout=ctx.timeout_s)
         except subprocess.TimeoutExpired:
@@ -234,9 +240,50 @@ def _run(command: CommandSpec, home: Path, work: Path, ctx: PhaseContext) -> int
             # whatever the command left running in its group goes with it
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            if tail is not None:
+                tail.stop()
     if code != 0:
         raise PhaseFailed("exit code", f"{argv[0]} exited with code {code}")
     return code
+
+
+class _Tail:
+    """Streams what the command appends to ``stdout``/``stderr`` while it runs.
+
+    A thread reads the capture files every ``TAIL_EVERY_S`` and hands new bytes
+    (at most ``TAIL_CHUNK`` per stream per read) to ``emit``; on ``stop`` it
+    sends what is left. Output beyond the chunk per interval is skipped in the
+    stream, not lost: the files and the result's tails keep it.
+    """
+
+    def __init__(self, home: Path, emit: Callable[[str, bytes], None]) -> None:
+        self._paths = {name: home / name for name in ("stdout", "stderr")}
+        self._offsets = dict.fromkeys(self._paths, 0)
+        self._emit = emit
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="herder-tail", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._done.wait(TAIL_EVERY_S):
+            self._read()
+
+    def _read(self) -> None:
+        for name, path in self._paths.items():
+            size = path.stat().st_size
+            start = max(self._offsets[name], size - TAIL_CHUNK)
+            if size <= start:
+                continue
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(size - start)
+            self._offsets[name] = start + len(data)
+            self._emit(name, data)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self._read()
 
 
 def _tail(path: Path) -> str:

@@ -16,6 +16,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,15 @@ class Slot:
     """
 
     def __init__(
-        self, index: int, context: dict[str, Any], env: dict[str, str] | None = None
+        self,
+        index: int,
+        context: dict[str, Any],
+        on_output: Callable[[protocol.Assignment, str, bytes], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.index = index
         self.context = context
+        self._on_output = on_output
         self._env = env
         self._command_groups: set[int] = set()  # process groups of commands now running
         self._proc: asyncio.subprocess.Process | None = None
@@ -92,7 +98,7 @@ class Slot:
         try:
             async with asyncio.timeout(limit):
                 await self._writer.drain()
-                return await self._outcome()
+                return await self._outcome(task)
         except asyncio.CancelledError:
             await self.kill()  # a cancelled task must not keep running
             self._clean_scratch(task)
@@ -123,8 +129,9 @@ class Slot:
                 "ended_at": time.time(),
             }
 
-    async def _outcome(self) -> dict[str, Any]:
-        """Read frames until the task's outcome, noting the commands it starts."""
+    async def _outcome(self, task: protocol.Assignment) -> dict[str, Any]:
+        """Read frames until the task's outcome, noting the commands it starts
+        and passing on their output as it comes."""
         assert self._reader is not None
         while True:
             header = await self._reader.readexactly(4)
@@ -132,6 +139,10 @@ class Slot:
             out: dict[str, Any] = msgpack.unpackb(await self._reader.readexactly(size), raw=False)
             if out.get("event") == "spawned":
                 self._command_groups.add(out["pgid"])
+                continue
+            if out.get("event") == "output":
+                if self._on_output is not None:
+                    self._on_output(task, out["stream"], out["data"])
                 continue
             self._command_groups.clear()
             return out

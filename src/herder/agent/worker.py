@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -84,6 +85,7 @@ class _Commands:
 
     def __init__(self, wfile: BinaryIO) -> None:
         self._wfile = wfile
+        self._write_lock = threading.Lock()  # the tailing thread writes frames too
         self._data: Any = None
         self._data_key: tuple[str, str] | None = None
 
@@ -99,9 +101,16 @@ class _Commands:
             scratch_root=Path(frame["scratch_root"]),
             data=self._client(frame.get("data")),
             timeout_s=frame.get("timeout_s"),
-            on_spawn=lambda pgid: _write_frame(self._wfile, {"event": "spawned", "pgid": pgid}),
+            on_spawn=lambda pgid: self._send({"event": "spawned", "pgid": pgid}),
+            on_output=lambda stream, data: self._send(
+                {"event": "output", "stream": stream, "data": data}
+            ),
         )
         return run_command_task(CommandSpec.model_validate(frame["command"]), ctx)
+
+    def _send(self, frame: dict[str, Any]) -> None:
+        with self._write_lock:
+            _write_frame(self._wfile, frame)
 
     def _client(self, data: dict[str, Any] | None) -> Any:
         if data is None:

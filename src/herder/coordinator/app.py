@@ -125,6 +125,7 @@ def create_app(coord: Coordinator) -> FastAPI:
                 e.model_dump(mode="json")
                 for e in await coord.store.events(task_id=task_id, limit=1000)
             ],
+            "live": coord.live.get(task_id),
         }
 
     @app.post("/v1/cancel", dependencies=auth)

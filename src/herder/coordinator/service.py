@@ -44,6 +44,7 @@ from herder.providers.local import LocalProvider
 from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission, TaskResult
 from herder.store.sql import SqlStore
 
+from .live import LiveOutput
 from .sessions import AgentSession, ClientSession
 
 log = logging.getLogger("herder.coordinator")
@@ -104,6 +105,7 @@ class Coordinator:
         self._started: list[tuple[str, str]] = []
         self._submissions: list[tuple[Submission, asyncio.Future[None]]] = []
         self._released: list[tuple[str, str]] = []
+        self.live = LiveOutput()
         self._stopping = asyncio.Event()
         self._acked = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -343,6 +345,9 @@ class Coordinator:
         if changes.finals:
             self._completed += len(changes.finals)
             self._notify(changes.finals)
+            self.live.drop(f.task_id for f in changes.finals)
+        if changes.requeued:
+            self.live.drop(changes.requeued)
 
     def _notify(self, finals: list[Final]) -> None:
         by_client: dict[ClientSession, list[protocol.Outcome]] = {}
@@ -535,6 +540,10 @@ class Coordinator:
         elif isinstance(msg, protocol.Results):
             self._results.put_nowait((session, msg.items))
             self._wake.set()
+        elif isinstance(msg, protocol.Output):
+            for chunk in msg.chunks:
+                if chunk.lease_id in session.outstanding:
+                    self.live.add(chunk.task_id, chunk.stream, chunk.data)
         elif isinstance(msg, protocol.Release):
             for h in msg.leases:
                 if session.outstanding.pop(h.lease_id, None) is not None:
