@@ -498,3 +498,74 @@ def test_hundred_thousand_tasks(tmp_path: Path) -> None:
     assert specs[500].depends_on == [specs[499].id]
     assert specs[500].command is not None
     assert specs[500].command.env == {"I": "500"}
+
+
+# ---------------------------------------------------------------------------
+# inputs and outputs of command tasks
+
+
+def test_fetch_upload_and_a_fan_in_by_glob() -> None:
+    tasks = parse_tasks(
+        """
+        [[tasks]]
+        name = "part-{i}"
+        matrix = {i = [1, 2, 3]}
+        fetch = ["inputs/{i}.csv", {url = "https://example.org/ref.fa?v=2"}]
+        run = "wc -l {i}.csv > n.txt"
+        upload = ["n.txt", "logs/*.log"]
+
+        [[tasks]]
+        name = "sum"
+        fetch = [
+          {from = "part-*", path = "n.txt", dest = "parts"},
+          {from = "part-1", path = "n.txt"},
+        ]
+        run = "cat parts/*/n.txt"
+        keep_scratch = true
+        """,
+        fmt="toml",
+    )
+    part2 = tasks.specs[1].command
+    assert part2 is not None
+    assert [f.key for f in part2.fetch] == ["inputs/2.csv", None]
+    assert [f.target() for f in part2.fetch] == ["2.csv", "ref.fa"]
+    assert part2.upload == ["n.txt", "logs/*.log"]
+    total = tasks.specs[-1]
+    assert total.command is not None
+    assert total.command.keep_scratch
+    assert [f.target() for f in total.command.fetch] == [
+        "parts/part-1/n.txt",
+        "parts/part-2/n.txt",
+        "parts/part-3/n.txt",
+        "n.txt",
+    ]
+    # fetching a task's outputs makes it a dependency
+    assert sorted(dep_names(tasks)["sum"]) == ["part-1", "part-2", "part-3"]  # type: ignore[type-var]
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "what"),
+    [
+        ('fetch = [{from = "nope", path = "x"}]', "fetch[0].from", "no task is named 'nope'"),
+        ('fetch = [{from = "b", path = "x"}]', "fetch[0].from", "cannot fetch its own outputs"),
+        ('fetch = [{from = "zz-*", path = "x"}]', "fetch[0].from", "matches no other task"),
+        ('fetch = [{key = "a", url = "https://x"}]', "fetch[0]", "exactly one of key, from or url"),
+        ('fetch = [{from = "a"}]', "fetch[0]", "'from' needs 'path'"),
+        ('fetch = [{key = "a", dest = "../up"}]', "fetch[0]", "must not contain '..'"),
+        ('fetch = [{key = "a", dest = "/etc/x"}]', "fetch[0]", "must be a relative path"),
+        ('fetch = [{url = "ftp://x/y"}]', "fetch[0]", "http:// or https://"),
+        ('fetch = [{kee = "a"}]', "fetch[0].kee", "unknown field"),
+        ("fetch = [3]", "fetch[0]", "a datastore key or a table"),
+        ('upload = ["../secrets"]', "upload[0]", "must not contain '..'"),
+        ("upload = [1]", "upload[0]", "must be a glob pattern"),
+        ('keep_scratch = "yes"', "keep_scratch", "must be true or false"),
+    ],
+)
+def test_bad_inputs_and_outputs_are_named(entry: str, field: str, what: str) -> None:
+    text = f'[[tasks]]\nname = "a"\nrun = "true"\n\n[[tasks]]\nname = "b"\nrun = "true"\n{entry}\n'
+    with pytest.raises(TaskFileError) as caught:
+        parse_tasks(text, fmt="toml", source="t.toml")
+    message = str(caught.value)
+    assert "task 'b'" in message
+    assert f"field '{field}'" in message
+    assert what in message
