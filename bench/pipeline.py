@@ -85,30 +85,47 @@ def herd_of(nodes: int, log: Any) -> Iterator[LocalHerd]:
 
 
 def write_tasks_file(path: Path, n: int) -> int:
-    """N command tasks in layers of 1,000; each depends on two tasks of the layer before."""
+    """N command tasks in layers of 1,000; each depends on two tasks of the layer
+    before. The format follows the suffix: .json, .toml or .yaml."""
     layer = 1000
     edges = 0
+    fmt = path.suffix
     with open(path, "w") as f:
-        f.write('{"job": "bench", "tasks": [\n')
+        f.write(
+            {".json": '{"job": "bench", "tasks": [\n', ".toml": 'job = "bench"\n'}.get(
+                fmt, "job: bench\ntasks:\n"
+            )
+        )
         for i in range(n):
             deps = []
             if i >= layer:
                 base = (i // layer - 1) * layer
                 deps = [f"t{base + i % layer}", f"t{base + (i + 1) % layer}"]
                 edges += 2
-            entry = {"name": f"t{i}", "run": ["true"], "depends_on": deps}
-            f.write(json.dumps(entry) + (",\n" if i < n - 1 else "\n"))
-        f.write("]}\n")
+            if fmt == ".json":
+                entry = {"name": f"t{i}", "run": ["true"], "depends_on": deps}
+                f.write(json.dumps(entry) + (",\n" if i < n - 1 else "\n"))
+            elif fmt == ".toml":
+                f.write(
+                    f'[[tasks]]\nname = "t{i}"\nrun = ["true"]\ndepends_on = {json.dumps(deps)}\n'
+                )
+            else:
+                f.write(f'  - name: t{i}\n    run: ["true"]\n    depends_on: {json.dumps(deps)}\n')
+        if fmt == ".json":
+            f.write("]}\n")
     return edges
 
 
-def push_once(n: int, log: Any, tmp: Path) -> dict[str, float]:
-    path = tmp / f"tasks-{n}.json"
+def push_once(n: int, log: Any, tmp: Path, fmt: str = "json") -> dict[str, Any]:
+    path = tmp / f"tasks-{n}.{fmt}"
     edges = write_tasks_file(path, n)
+    baseline = tmp / f"tasks-{n}-baseline.json"
+    write_tasks_file(baseline, n)
     t0 = time.perf_counter()
-    with open(path) as f:
+    with open(baseline) as f:
         json.load(f)
     parse_s = time.perf_counter() - t0
+    baseline.unlink()
     with herd_of(0, log) as herd:
         assert herd.process is not None
         worst = probe_health_while(
@@ -125,6 +142,7 @@ def push_once(n: int, log: Any, tmp: Path) -> dict[str, float]:
         rss = vm_hwm_mb(herd.process.pid)
     path.unlink()
     return {
+        "format": fmt,
         "tasks": n,
         "edges": edges,
         "push_s": push_s,
@@ -352,9 +370,9 @@ def main() -> int:
         log = open(tmp / "herd.log", "ab")  # noqa: SIM115 - closed with the directory
         stamp = lambda what: console.print(f"{time.strftime('%H:%M:%S')} {what}")  # noqa: E731
         results["push"] = []
-        for n in push_sizes:
-            stamp(f"push {n:,} tasks")
-            results["push"].append(push_once(n, log, tmp))
+        for n, fmt in [(n, "json") for n in push_sizes] + [(100_000, "toml"), (100_000, "yaml")]:
+            stamp(f"push {n:,} tasks ({fmt})")
+            results["push"].append(push_once(n, log, tmp, fmt))
         results["release_cost"] = []
         for n in push_sizes:
             stamp(f"release cost with {n:,} queued")
@@ -372,7 +390,7 @@ def main() -> int:
     for p in results["push"]:
         target = "< 10 s" if p["tasks"] == 100_000 else ""
         table.add_row(
-            f"push {p['tasks']:,} tasks / {p['edges']:,} edges, s",
+            f"push {p['tasks']:,} tasks / {p['edges']:,} edges ({p['format']}), s",
             f"{p['push_s']:.2f}",
             f"{p['json_load_s']:.2f} (json.load)",
             f"{p['push_s'] / p['json_load_s']:.1f}x",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +72,45 @@ def agent_pids(home: Path) -> list[int]:
     except (OSError, ValueError):
         return []
     return [pid for pid in recorded.values() if psutil.pid_exists(pid)]
+
+
+def herder(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the ``herder`` command as a user would; fail the test if it fails (unless told)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "herder", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"herder {' '.join(args)} failed: {done.stdout}{done.stderr}")
+    return done
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs at ``mount_point`` (root only), for disk-full tests.
+
+    Without root the test is skipped, unless HERDER_REQUIRE_ROOT=1 (CI) makes
+    that a failure.
+    """
+    import pytest
+
+    mount_point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode:
+        reason = f"cannot mount a {size} tmpfs (needs root): {done.stderr.strip()}"
+        if os.environ.get("HERDER_REQUIRE_ROOT") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True, timeout=30)

@@ -131,6 +131,9 @@ def up(
     log_format: Annotated[
         str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
     ] = "text",
+    parent_pid: Annotated[
+        int | None, typer.Option(hidden=True, help="Stop cleanly once this process is gone.")
+    ] = None,
 ) -> None:
     """Run a coordinator in the foreground (SIGTERM or `herder down` stops it cleanly)."""
     from herder.config import load_settings
@@ -148,7 +151,11 @@ def up(
             loop.add_signal_handler(sig, coord.stop)
         async with coord:
             console.print(f"herder coordinator at [bold]{coord.url}[/bold]", highlight=False)
+            if parent_pid is not None:
+                watch = asyncio.create_task(_stop_when_gone(parent_pid, coord.stop))
             await coord.wait_stopped()
+            if parent_pid is not None:
+                watch.cancel()
 
     try:
         asyncio.run(main())
@@ -156,6 +163,30 @@ def up(
         raise _fail(str(exc)) from exc
     except OSError as exc:
         raise _fail(f"cannot start the coordinator: {exc}") from exc
+
+
+async def _stop_when_gone(pid: int, stop: Any) -> None:
+    """A herd started for a program (LocalHerd) must not outlive it, even after kill -9.
+
+    Waits on a pidfd, which becomes readable when the process exits.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = None
+    if fd is not None:
+        gone = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, gone.set)
+        try:
+            await gone.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+    logging.getLogger("herder.coordinator").warning(
+        "the process that started this herd (pid %d) is gone: stopping", pid
+    )
+    stop()
 
 
 @app.command()

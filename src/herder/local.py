@@ -55,6 +55,8 @@ class LocalHerd:
             "--listen",
             listen,
             *(["--store", store] if store else []),
+            "--parent-pid",  # no herd outlives the program that started it
+            str(os.getpid()),
             *(extra_args or []),
         ]
         self._env = {**(env if env is not None else os.environ), "HERDER_HOME": str(self.home)}

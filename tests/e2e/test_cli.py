@@ -15,20 +15,7 @@ import psutil
 import pytest
 
 from herder.local import LocalHerd
-from tests.helpers import agent_pids, db_rows, wait_for
-
-
-def herder(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "herder", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"herder {' '.join(args)} failed: {done.stdout}{done.stderr}")
-    return done
+from tests.helpers import agent_pids, db_rows, herder, kill_tree, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +174,51 @@ def test_help_names_the_environment_variables() -> None:
     out = herder(env, "up", "--help").stdout
     assert "HERDER_STORE" in out
     assert "HERDER_LISTEN" in out
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by init, maybe later)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_local_herd_does_not_outlive_its_program(tmp_path: Path) -> None:
+    """kill -9 of the program that made a LocalHerd: coordinator and agents stop by themselves."""
+    script = tmp_path / "program.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            from pathlib import Path
+            from herder.local import LocalHerd
+            herd = LocalHerd(nodes=2, home=Path({str(tmp_path / "home")!r}))
+            herd.start()
+            herd.wait_nodes()
+            assert herd.process is not None
+            print(herd.process.pid, flush=True)
+            time.sleep(600)
+            """
+        )
+    )
+    program = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert program.stdout is not None
+        coordinator = int(program.stdout.readline())
+        agents = agent_pids(tmp_path / "home")
+        assert len(agents) == 2
+        program.kill()
+        program.wait(10)
+        wait_for(
+            lambda: not any(running(p) for p in [coordinator, *agents]),
+            20,
+            "the orphaned herd to stop",
+        )
+    finally:
+        program.kill()
+        program.wait(10)
+        if program.stdout is not None:
+            program.stdout.close()
+        for pid in agent_pids(tmp_path / "home"):
+            kill_tree(pid)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,33 +19,17 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from herder.local import LocalHerd
-from tests.helpers import agent_pids, kill_tree, wait_for
-from tests.integration.test_pipeline import herder, push, task_named, wait_job
+from tests.helpers import agent_pids, herder, kill_tree, tmpfs, wait_for
+from tests.integration.test_pipeline import push, task_named, wait_job
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def tiny_datastore(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs to serve as the datastore (root only; HERDER_REQUIRE_ROOT=1 fails without)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if done.returncode:
-        reason = f"cannot mount a tmpfs (needs root): {done.stderr.strip()}"
-        if os.environ.get("HERDER_REQUIRE_ROOT") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
+    """A 4 MiB tmpfs to serve as the datastore."""
+    with tmpfs(tmp_path / "tiny", "4m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True, timeout=30)
 
 
 def files_in(root: Path) -> list[str]:

@@ -39,7 +39,7 @@ from herder.errors import (
     ObjectMissing,
 )
 from herder.local import LocalHerd
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, tmpfs, wait_for
 
 BUCKET = "herd-data"
 S3_PREFIX = "runs"
@@ -577,29 +577,9 @@ def test_two_gigabytes_stream_in_bounded_memory(file_herd: Herd, tmp_path: Path)
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (root only); HERDER_REQUIRE_ROOT=1 makes a failed mount a failure."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        problem = done.stderr.strip() if done.returncode else None
-    except OSError as exc:
-        problem = str(exc)
-    if problem is not None:
-        reason = f"cannot mount a 4 MiB tmpfs (needs root): {problem}"
-        if os.environ.get("HERDER_REQUIRE_ROOT") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
+    """A 4 MiB tmpfs (root only; HERDER_REQUIRE_ROOT=1 makes a failed mount a failure)."""
+    with tmpfs(tmp_path / "tiny", "4m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True, timeout=30)
 
 
 def test_a_full_disk_is_reported_and_leaves_nothing(tiny_fs: Path, tmp_path: Path) -> None:

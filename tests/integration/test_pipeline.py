@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -20,20 +18,7 @@ import psutil
 import pytest
 
 from herder.local import LocalHerd
-from tests.helpers import wait_for
-
-
-def herder(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "herder", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"herder {' '.join(args)} failed: {done.stdout}{done.stderr}")
-    return done
+from tests.helpers import herder, wait_for
 
 
 def push(herd: LocalHerd, tmp_path: Path, text: str, name: str = "tasks.toml") -> str:

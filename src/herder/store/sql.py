@@ -56,6 +56,7 @@ from herder.store.statements import ACTIVE, HotStatements, state_is
 
 T = TypeVar("T")
 _CHUNK = 2000  # bound on parameters in one IN (...) list
+_ROWS_PER_INSERT = 5000
 _TEXT = 256  # width of the name and reason columns
 _CKEY = 1024  # width of the constraint key column
 _t = schema.tasks
@@ -270,6 +271,17 @@ class SqlStore(Store):
             rows: list[dict[str, Any]] = []
             dep_rows: list[dict[str, str]] = []
             doomed: list[str] = []
+
+            def flush(final: bool) -> None:
+                # rows go in as they are made: a million-task batch never holds
+                # a million row dicts at once
+                if len(rows) >= _ROWS_PER_INSERT or (final and rows):
+                    self._sql.insert_many(conn, _t, rows)
+                    rows.clear()
+                if len(dep_rows) >= _ROWS_PER_INSERT or (final and dep_rows):
+                    self._sql.insert_many(conn, _d, dep_rows)
+                    dep_rows.clear()
+
             for i, s in enumerate(specs):
                 pending = 0
                 dead_dep = False
@@ -311,10 +323,8 @@ class SqlStore(Store):
                 )
                 if state is TaskState.READY:
                     changes.newly_ready += 1
-            for chunk in _chunks(rows, 5000):
-                self._sql.insert_many(conn, _t, list(chunk))
-            for dchunk in _chunks(dep_rows, 5000):
-                self._sql.insert_many(conn, _d, list(dchunk))
+                flush(final=False)
+            flush(final=True)
             for tchunk in _chunks(external):
                 conn.execute(self._sql.mark_dependents, {"ids": list(tchunk)})
             if doomed:
