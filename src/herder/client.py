@@ -502,11 +502,15 @@ class AsyncClient:
     async def _post(self, path: str, body: Any) -> Any:
         return _json(await self.http.post(path, json=body))
 
-    async def _post_raw(self, path: str, body: str) -> Any:
+    async def _post_raw(self, path: str, body: str, *, read_timeout_s: float) -> Any:
         """POST JSON already serialised (large bodies are made off the event loop)."""
-        return _json(
-            await self.http.post(path, content=body, headers={"content-type": "application/json"})
+        response = await self.http.post(
+            path,
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=httpx.Timeout(60, read=read_timeout_s),
         )
+        return _json(response)
 
     async def cancel(
         self, *targets: TaskFuture | Future | str, job: str | None = None
@@ -532,7 +536,13 @@ class AsyncClient:
         """Submit a parsed tasks file as one job, in one transaction; returns the job id."""
         job_id = new_id("j")
         body = protocol.JobSubmission(job_id=job_id, job_name=job_name, tasks=specs)
-        await self._post_raw("/v1/tasks", await asyncio.to_thread(body.model_dump_json))
+        # The coordinator answers once the whole job is committed: a million
+        # tasks take minutes, so the wait grows with the job (60 s + 1 ms a task).
+        await self._post_raw(
+            "/v1/tasks",
+            await asyncio.to_thread(body.model_dump_json),
+            read_timeout_s=60 + len(specs) / 1000,
+        )
         return job_id
 
     async def status(self) -> dict[str, Any]:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Collection
 
+from herder.errors import ProviderError
 from herder.providers.base import NodeHandle, Provider
 
 log = logging.getLogger("herder.fleet")
@@ -54,21 +56,71 @@ def spawn_count(
     return max(0, min(room, need))
 
 
+class SpawnBackoff:
+    """Spacing between spawns while new nodes keep dying before they pair.
+
+    A node that crashes at start (a broken install, a bad option) would be
+    replaced every pass, forever; instead each failure in a row doubles the
+    wait before the next spawn (``first_s`` up to ``cap_s``), and a node that
+    pairs resets it.
+    """
+
+    def __init__(self, first_s: float = 1.0, cap_s: float = 60.0) -> None:
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.failures = 0
+        self.not_before = 0.0
+
+    def failed(self, now: float) -> float:
+        """Record a failure; returns the delay before the next spawn."""
+        delay = min(self.cap_s, self.first_s * 2.0**self.failures)
+        self.failures += 1
+        self.not_before = now + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.not_before = 0.0
+
+    def allows(self, now: float) -> bool:
+        return now >= self.not_before
+
+
 class LocalFleet:
     """Keeps the nodes of ``provider`` at the count its policy asks for."""
 
     def __init__(
-        self, provider: Provider, desired: int, *, slots: int = 1, on_demand: bool = False
+        self,
+        provider: Provider,
+        desired: int,
+        *,
+        slots: int = 1,
+        on_demand: bool = False,
+        backoff: SpawnBackoff | None = None,
     ) -> None:
         self.provider = provider
         self.desired = desired
         self.slots = slots
         self.on_demand = on_demand
+        self.backoff = backoff or SpawnBackoff()
         self._first_pass = True
+        self._unpaired: set[str] = set()  # spawned, not yet seen connected
 
     async def reap(self) -> list[str]:
-        """The nodes that exited since the last call."""
-        return await self.provider.reap()
+        """The nodes that exited since the last call; those that never paired count
+        as failed spawns (see :class:`SpawnBackoff`)."""
+        exited = await self.provider.reap()
+        for node_id in exited:
+            if node_id in self._unpaired:
+                self._unpaired.discard(node_id)
+                delay = self.backoff.failed(time.monotonic())
+                log.warning(
+                    "node %s exited before it paired (%d in a row): next spawn in %.0fs",
+                    node_id,
+                    self.backoff.failures,
+                    delay,
+                )
+        return exited
 
     async def reconcile(
         self,
@@ -82,6 +134,11 @@ class LocalFleet:
         ``ready_work(limit)`` counts ready tasks these nodes could run, up to
         ``limit``; it is asked only on demand, and only when there is room.
         """
+        if self._unpaired & set(paired):
+            self._unpaired -= set(paired)
+            self.backoff.succeeded()
+        if not self.backoff.allows(time.monotonic()):
+            return []
         own = [h.node_id for h in await self.provider.list_own()]
         ready = 0
         if self.on_demand and not self._first_pass and ready_work is not None:
@@ -103,7 +160,16 @@ class LocalFleet:
         self._first_pass = False
         if count <= 0:
             return []
-        handles = await self.provider.spawn(count)
+        try:
+            handles = await self.provider.spawn(count)
+        except (OSError, ProviderError) as exc:
+            delay = self.backoff.failed(time.monotonic())
+            raise ProviderError(
+                f"{self.provider.name}: spawning {count} node(s) failed: {exc}; "
+                f"next try in {delay:.0f}s",
+                provider=self.provider.name,
+            ) from exc
+        self._unpaired.update(h.node_id for h in handles)
         log.info(
             "spawned %s%s",
             ", ".join(h.node_id for h in handles),

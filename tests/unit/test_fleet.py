@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from herder.fleet import spawn_count
+from herder.fleet import SpawnBackoff, spawn_count
 
 
 def count(**kw: Any) -> int:
@@ -50,3 +50,15 @@ def test_leaving_nodes_make_room_and_take_nothing() -> None:
     own = ["a", "b", "c", "d"]
     assert count(ready=10, own=own, paired=own, leaving=["c", "d"]) == 2
     assert count(ready=0, own=own, paired=own, leaving=own) == 0
+
+
+def test_spawn_backoff_doubles_up_to_a_cap_and_resets_when_a_node_pairs() -> None:
+    backoff = SpawnBackoff(first_s=1.0, cap_s=8.0)
+    assert backoff.allows(0.0)
+    delays = [backoff.failed(100.0) for _ in range(6)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert not backoff.allows(107.9)
+    assert backoff.allows(108.0)
+    backoff.succeeded()
+    assert backoff.allows(100.0)
+    assert backoff.failed(0.0) == 1.0

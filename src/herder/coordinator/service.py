@@ -30,7 +30,7 @@ from fastapi import WebSocket
 from herder import protocol, security
 from herder.config import Settings
 from herder.datastore import Datastore
-from herder.errors import InvalidTransition, StoreError, SubmissionError
+from herder.errors import InvalidTransition, ProviderError, StoreError, SubmissionError
 from herder.fleet import LocalFleet
 from herder.model import (
     NodeRecord,
@@ -782,6 +782,12 @@ class Coordinator:
                     )
                 except StoreError as exc:
                     log.error("fleet pass postponed: %s", exc)
+                except ProviderError as exc:
+                    log.error("%s", exc)
+                    with contextlib.suppress(StoreError):
+                        await self.store.add_event(
+                            "provider_error", time.time(), data={"error": str(exc)}
+                        )
             await asyncio.sleep(self.settings.timeouts.replace_check_s)
 
     async def _on_exited(self, node_id: str) -> None:
