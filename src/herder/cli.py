@@ -51,15 +51,29 @@ HomeOpt = Annotated[
 ]
 
 
-def _setup_logging(level: str, fmt: str = "text") -> None:
-    if fmt == "json":
-        handler = logging.StreamHandler()
-        handler.setFormatter(_JsonFormatter())
-        logging.basicConfig(level=level.upper(), handlers=[handler])
-    else:
-        logging.basicConfig(
-            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+def _setup_logging(
+    level: str, fmt: str = "text", log_file: Path | None = None, log_file_max_mb: float = 10.0
+) -> None:
+    """Log to stderr, and with ``log_file`` also to that file, rotated at
+    ``log_file_max_mb`` (five old files kept)."""
+    formatter: logging.Formatter = (
+        _JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:
+        from logging.handlers import RotatingFileHandler
+
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            RotatingFileHandler(
+                log_file, maxBytes=max(1, int(log_file_max_mb * 2**20)), backupCount=5
+            )
         )
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=handlers)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -134,12 +148,27 @@ def up(
     parent_pid: Annotated[
         int | None, typer.Option(hidden=True, help="Stop cleanly once this process is gone.")
     ] = None,
+    stop_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HERDER_STOP_FILE",
+            help="When this file appears: drain, stop every node this herd started, exit 0.",
+        ),
+    ] = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(envvar="HERDER_LOG_FILE", help="Also write the log here (rotated)."),
+    ] = None,
+    log_file_max_mb: Annotated[
+        float,
+        typer.Option(envvar="HERDER_LOG_FILE_MAX_MB", help="Rotate the log file at this size."),
+    ] = 10.0,
 ) -> None:
-    """Run a coordinator in the foreground (SIGTERM or `herder down` stops it cleanly)."""
+    """Run a coordinator in the foreground (SIGTERM, `herder down`, --stop-file: a clean stop)."""
     from herder.config import load_settings
     from herder.coordinator.service import Coordinator
 
-    _setup_logging(log_level, log_format)
+    _setup_logging(log_level, log_format, log_file, log_file_max_mb)
     settings = load_settings(_env(home), store_url=store, listen=listen)
 
     async def main() -> None:
@@ -151,10 +180,13 @@ def up(
             loop.add_signal_handler(sig, coord.stop)
         async with coord:
             console.print(f"herder coordinator at [bold]{coord.url}[/bold]", highlight=False)
+            watches = []
             if parent_pid is not None:
-                watch = asyncio.create_task(_stop_when_gone(parent_pid, coord.stop))
+                watches.append(asyncio.create_task(_stop_when_gone(parent_pid, coord.stop)))
+            if stop_file is not None:
+                watches.append(asyncio.create_task(_stop_when_file(stop_file, coord.stop)))
             await coord.wait_stopped()
-            if parent_pid is not None:
+            for watch in watches:
                 watch.cancel()
 
     try:
@@ -186,6 +218,14 @@ async def _stop_when_gone(pid: int, stop: Any) -> None:
     logging.getLogger("herder.coordinator").warning(
         "the process that started this herd (pid %d) is gone: stopping", pid
     )
+    stop()
+
+
+async def _stop_when_file(path: Path, stop: Any) -> None:
+    """Stop once ``path`` exists: a way to end a herd for tools that can only make files."""
+    while not await asyncio.to_thread(path.exists):  # noqa: ASYNC110 - no event to wait on
+        await asyncio.sleep(0.5)
+    logging.getLogger("herder.coordinator").info("stop file %s appeared: stopping", path)
     stop()
 
 
@@ -520,23 +560,17 @@ def _when(at: float | None) -> str:
 
 @app.command()
 def push(file: Path, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Submit a tasks file (TOML, JSON or YAML) as one job."""
-    from herder.taskfile import load_tasks_file
-
-    try:
-        parsed = load_tasks_file(file)
-    except HerderError as exc:
-        raise _fail(str(exc)) from exc
+    """Submit a tasks file (TOML, JSON or YAML) as one job, all of it or nothing."""
     with _client(home) as herd:
         try:
-            job_id = herd.push(parsed.specs, parsed.job_name or file.name)
+            pushed = herd.push_file(file)
         except HerderError as exc:
-            raise _fail(f"{file}: {exc}") from exc
+            raise _fail(str(exc)) from exc
     if as_json:
-        _print_json({"job_id": job_id, "tasks": len(parsed.specs)})
+        _print_json(pushed)
     else:
         console.print(
-            f"job [bold]{job_id}[/bold]: {len(parsed.specs)} tasks pushed", highlight=False
+            f"job [bold]{pushed['job_id']}[/bold]: {pushed['tasks']} tasks pushed", highlight=False
         )
 
 

@@ -545,6 +545,25 @@ class AsyncClient:
         )
         return job_id
 
+    async def push_file(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Push a tasks file (TOML, JSON or YAML) as one job; the coordinator checks it.
+
+        Returns ``{"job_id": ..., "tasks": n}``; a mistake in the file raises
+        SubmissionError naming the file, the task and the field, and nothing
+        of the file is stored.
+        """
+        from herder.taskfile import read_tasks_file
+
+        text, fmt = await asyncio.to_thread(read_tasks_file, path)
+        response = await self.http.post(
+            "/v1/push",
+            params={"format": fmt, "source": os.fspath(path)},
+            content=text.encode(),
+            timeout=httpx.Timeout(60, read=60 + len(text) / 100_000),  # ~1 s a MB
+        )
+        result: dict[str, Any] = _json(response)
+        return result
+
     async def status(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._get("/v1/status")
         return result
@@ -757,6 +776,9 @@ class Client:
 
     def push(self, specs: builtins.list[TaskSpec], job_name: str | None = None) -> str:
         return self._run(self._async.push(specs, job_name))
+
+    def push_file(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        return self._run(self._async.push_file(path))
 
     def status(self) -> dict[str, Any]:
         return self._run(self._async.status())

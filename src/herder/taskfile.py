@@ -65,7 +65,14 @@ from herder.model import (
     relative_path,
 )
 
-__all__ = ["SUFFIXES", "TaskFileFormat", "TasksFile", "load_tasks_file", "parse_tasks"]
+__all__ = [
+    "SUFFIXES",
+    "TaskFileFormat",
+    "TasksFile",
+    "load_tasks_file",
+    "parse_tasks",
+    "read_tasks_file",
+]
 
 TaskFileFormat = Literal["toml", "json", "yaml"]
 
@@ -151,6 +158,12 @@ class TasksFile:
 
 def load_tasks_file(path: str | os.PathLike[str]) -> TasksFile:
     """Read and check a tasks file; its suffix says whether it is TOML, JSON or YAML."""
+    text, fmt = read_tasks_file(path)
+    return parse_tasks(text, fmt=fmt, source=os.fspath(path))
+
+
+def read_tasks_file(path: str | os.PathLike[str]) -> tuple[str, TaskFileFormat]:
+    """The text of a tasks file and its format (from the suffix), or TaskFileError."""
     source = os.fspath(path)
     suffix = Path(source).suffix
     fmt = SUFFIXES.get(suffix.lower())
@@ -167,7 +180,7 @@ def load_tasks_file(path: str | os.PathLike[str]) -> TasksFile:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise _file_error(source, f"not UTF-8 text (byte {exc.start})") from exc
-    return parse_tasks(text, fmt=fmt, source=source)
+    return text, fmt
 
 
 def parse_tasks(text: str, *, fmt: TaskFileFormat, source: str = "<tasks>") -> TasksFile:

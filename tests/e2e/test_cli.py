@@ -222,3 +222,39 @@ def test_a_local_herd_does_not_outlive_its_program(tmp_path: Path) -> None:
             program.stdout.close()
         for pid in agent_pids(tmp_path / "home"):
             kill_tree(pid)
+
+
+def test_a_stop_file_drains_and_ends_the_herd_and_the_log_file_rotates(tmp_path: Path) -> None:
+    stop = tmp_path / "stop-now"
+    log_file = tmp_path / "logs" / "coordinator.log"
+    herd = LocalHerd(
+        nodes=2,
+        home=tmp_path / "home",
+        extra_args=[
+            "--stop-file",
+            str(stop),
+            "--log-file",
+            str(log_file),
+            "--log-file-max-mb",
+            "0.0005",  # ~500 bytes: a few lines per file
+        ],
+    )
+    herd.start()
+    try:
+        herd.wait_nodes()
+        agents = agent_pids(herd.home)
+        assert len(agents) == 2
+        stop.touch()
+        assert herd.process is not None
+        assert herd.process.wait(30) == 0
+        wait_for(lambda: not any(running(p) for p in agents), 10, "the agents to stop")
+        nodes = dict(db_rows(herd.home, "SELECT id, state FROM nodes"))
+        assert set(nodes.values()) == {"terminated"}
+        logs = sorted(p.name for p in log_file.parent.iterdir())
+        assert "coordinator.log" in logs
+        assert "coordinator.log.1" in logs  # rotated
+        text = "".join(p.read_text() for p in log_file.parent.iterdir())
+        assert "stop file" in text
+        assert "coordinator stopped" in text
+    finally:
+        herd.stop()

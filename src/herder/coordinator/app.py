@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
@@ -17,8 +18,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from herder import protocol, security
-from herder.errors import StoreError, SubmissionError
-from herder.model import TaskState, gc_paused
+from herder.errors import StoreError, SubmissionError, TaskFileError
+from herder.model import TaskState, gc_paused, new_id
+from herder.taskfile import TaskFileFormat, parse_tasks
 
 from .data_routes import data_router
 from .sessions import ClientSession
@@ -99,6 +101,31 @@ def create_app(coord: Coordinator) -> FastAPI:
         except SubmissionError as exc:
             raise HTTPException(getattr(exc, "status", 422), str(exc)) from exc
         return {"job_id": body.job_id, "task_ids": [s.id for s in specs]}
+
+    @app.post("/v1/push", dependencies=auth)
+    async def push(
+        request: Request, fmt: Annotated[TaskFileFormat, Query(alias="format")], source: str
+    ) -> dict[str, Any]:
+        """A tasks file as written, checked and stored here as one job (all or nothing).
+
+        Parsing here rather than in the CLI spares a second validation and a
+        JSON round of every task: a 100,000-task file is pushed in less time.
+        """
+        raw = await request.body()
+        try:
+            text = raw.decode("utf-8-sig")
+            parsed = await asyncio.to_thread(parse_tasks, text, fmt=fmt, source=source)
+        except UnicodeDecodeError as exc:
+            raise HTTPException(422, f"{source}: not UTF-8 text (byte {exc.start})") from exc
+        except TaskFileError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        job_id = new_id("j")
+        job_name = parsed.job_name or PurePath(source).name
+        try:
+            await coord.submit(job_id, job_name, parsed.specs, None)
+        except SubmissionError as exc:
+            raise HTTPException(getattr(exc, "status", 422), f"{source}: {exc}") from exc
+        return {"job_id": job_id, "tasks": len(parsed.specs)}
 
     @app.get("/v1/tasks", dependencies=auth)
     async def list_tasks(
