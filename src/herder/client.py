@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 DEFAULT_RETRIES = 2
 MAP_BATCH = 1000
+PUSH_ATTEMPTS = 3  # a push whose answer was lost is sent again (idempotent by job id)
 
 
 class RemoteTraceback(Exception):
@@ -545,22 +546,34 @@ class AsyncClient:
         )
         return job_id
 
-    async def push_file(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+    async def push_file(
+        self, path: str | os.PathLike[str], *, job_id: str | None = None
+    ) -> dict[str, Any]:
         """Push a tasks file (TOML, JSON or YAML) as one job; the coordinator checks it.
 
         Returns ``{"job_id": ..., "tasks": n}``; a mistake in the file raises
         SubmissionError naming the file, the task and the field, and nothing
-        of the file is stored.
+        of the file is stored. A push whose answer is lost (connection reset,
+        timeout) is sent again, up to 3 times: the job id makes it idempotent.
         """
         from herder.taskfile import read_tasks_file
 
         text, fmt = await asyncio.to_thread(read_tasks_file, path)
-        response = await self.http.post(
-            "/v1/push",
-            params={"format": fmt, "source": os.fspath(path)},
-            content=text.encode(),
-            timeout=httpx.Timeout(60, read=60 + len(text) / 100_000),  # ~1 s a MB
-        )
+        job_id = job_id or new_id("j")
+        body = text.encode()
+        for attempt in range(PUSH_ATTEMPTS):
+            try:
+                response = await self.http.post(
+                    "/v1/push",
+                    params={"format": fmt, "source": os.fspath(path), "job_id": job_id},
+                    content=body,
+                    timeout=httpx.Timeout(60, read=60 + len(body) / 1_000_000),  # + 1 s a MB
+                )
+                break
+            except httpx.TransportError:
+                if attempt == PUSH_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.5 * 2**attempt)
         result: dict[str, Any] = _json(response)
         return result
 
@@ -777,8 +790,10 @@ class Client:
     def push(self, specs: builtins.list[TaskSpec], job_name: str | None = None) -> str:
         return self._run(self._async.push(specs, job_name))
 
-    def push_file(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        return self._run(self._async.push_file(path))
+    def push_file(
+        self, path: str | os.PathLike[str], *, job_id: str | None = None
+    ) -> dict[str, Any]:
+        return self._run(self._async.push_file(path, job_id=job_id))
 
     def status(self) -> dict[str, Any]:
         return self._run(self._async.status())

@@ -132,6 +132,8 @@ MAX_PRIORITY = 1_000_000  # as TaskSpec
 MAX_MATRIX_TASKS = 1_000_000  # per entry: a typo should not eat the machine's memory
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# "<job id>:<name>" must fit a task id (128 characters) with the longest name (100)
+MAX_JOB_ID_LENGTH = 128 - 1 - 100
 _MATRIX_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # ${...} (kept for the shell) | {{key}} (a literal {key}) | {key} (substituted)
 _PLACEHOLDER_RE = re.compile(
@@ -183,8 +185,15 @@ def read_tasks_file(path: str | os.PathLike[str]) -> tuple[str, TaskFileFormat]:
     return text, fmt
 
 
-def parse_tasks(text: str, *, fmt: TaskFileFormat, source: str = "<tasks>") -> TasksFile:
-    """Check the text of a tasks file and turn it into TaskSpecs (all or nothing)."""
+def parse_tasks(
+    text: str, *, fmt: TaskFileFormat, source: str = "<tasks>", job_id: str | None = None
+) -> TasksFile:
+    """Check the text of a tasks file and turn it into TaskSpecs (all or nothing).
+
+    With ``job_id`` each task's id is ``<job_id>:<name>``, so parsing the same
+    file for the same job again gives the same ids: a resent push is stored
+    once. Without it ids are random.
+    """
     with gc_paused():
         data = _decode(text, fmt, source)
         job_name, raw_tasks = _top_level(data, source)
@@ -194,7 +203,7 @@ def parse_tasks(text: str, *, fmt: TaskFileFormat, source: str = "<tasks>") -> T
                 entries.extend(_read_entry(raw, index))
             except _Invalid as exc:
                 raise _task_error(source, exc.task, index, exc.field, exc.what) from None
-        specs = _link(entries, source)
+        specs = _link(entries, source, job_id)
     return TasksFile(path=Path(source), job_name=job_name, specs=specs)
 
 
@@ -757,7 +766,7 @@ def _fill(text: str, values: dict[str, str]) -> str:
 # Linking names into ids, order
 
 
-def _link(entries: list[_Entry], source: str) -> list[TaskSpec]:
+def _link(entries: list[_Entry], source: str, job_id: str | None) -> list[TaskSpec]:
     positions: dict[str, int] = {}
     for pos, entry in enumerate(entries):
         first = positions.setdefault(entry.name, pos)
@@ -802,7 +811,10 @@ def _link(entries: list[_Entry], source: str) -> list[TaskSpec]:
     order = _topological(deps)
     if order is None:
         _raise_cycle(entries, deps, source)
-    ids = [new_id("t") for _ in entries]
+    if job_id is None:
+        ids = [new_id("t") for _ in entries]
+    else:
+        ids = [f"{job_id}:{entry.name}" for entry in entries]
     return [_spec(entries[pos], ids[pos], [ids[d] for d in deps[pos]]) for pos in order]
 
 

@@ -258,3 +258,17 @@ def test_a_stop_file_drains_and_ends_the_herd_and_the_log_file_rotates(tmp_path:
         assert "coordinator stopped" in text
     finally:
         herd.stop()
+
+
+def test_a_resent_push_is_stored_once(local: LocalHerd, tmp_path: Path) -> None:
+    """The answer to a push can be lost; sent again with the same job id, nothing doubles."""
+    path = tmp_path / "twice.toml"
+    path.write_text('[[tasks]]\nname = "once-{i}"\nmatrix = {i = [1, 2, 3]}\nrun = "true"\n')
+    assert local.client is not None
+    first = local.client.push_file(path, job_id="j-resent")
+    again = local.client.push_file(path, job_id="j-resent")
+    assert first == again == {"job_id": "j-resent", "tasks": 3}
+    ids = [r[0] for r in db_rows(local.home, "SELECT id FROM tasks WHERE job_id = 'j-resent'")]
+    assert sorted(ids) == ["j-resent:once-1", "j-resent:once-2", "j-resent:once-3"]
+    bad = herder(local.env(), "push", str(path), check=False)  # a fresh job id each CLI push
+    assert bad.returncode == 0

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from herder import protocol, security
 from herder.errors import StoreError, SubmissionError, TaskFileError
-from herder.model import TaskState, gc_paused, new_id
-from herder.taskfile import TaskFileFormat, parse_tasks
+from herder.model import ID_PATTERN, TaskState, gc_paused
+from herder.taskfile import MAX_JOB_ID_LENGTH, TaskFileFormat, parse_tasks
 
 from .data_routes import data_router
 from .sessions import ClientSession
@@ -104,22 +104,28 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.post("/v1/push", dependencies=auth)
     async def push(
-        request: Request, fmt: Annotated[TaskFileFormat, Query(alias="format")], source: str
+        request: Request,
+        fmt: Annotated[TaskFileFormat, Query(alias="format")],
+        source: str,
+        job_id: Annotated[str, Query(pattern=ID_PATTERN, max_length=MAX_JOB_ID_LENGTH)],
     ) -> dict[str, Any]:
         """A tasks file as written, checked and stored here as one job (all or nothing).
 
         Parsing here rather than in the CLI spares a second validation and a
         JSON round of every task: a 100,000-task file is pushed in less time.
+        The client names the job, and task ids follow from it and the names,
+        so a push resent after a lost answer is stored once.
         """
         raw = await request.body()
         try:
             text = raw.decode("utf-8-sig")
-            parsed = await asyncio.to_thread(parse_tasks, text, fmt=fmt, source=source)
+            parsed = await asyncio.to_thread(
+                parse_tasks, text, fmt=fmt, source=source, job_id=job_id
+            )
         except UnicodeDecodeError as exc:
             raise HTTPException(422, f"{source}: not UTF-8 text (byte {exc.start})") from exc
         except TaskFileError as exc:
             raise HTTPException(422, str(exc)) from exc
-        job_id = new_id("j")
         job_name = parsed.job_name or PurePath(source).name
         try:
             await coord.submit(job_id, job_name, parsed.specs, None)
