@@ -156,6 +156,7 @@ def test_inputs_by_key_and_a_failing_run_shows_its_stderr(herd: LocalHerd, tmp_p
     assert herd.client.data.cat(f"jobs/{job}/count/n.txt").strip() == b"2"
     broken = task_named(herd, job, "broken")["task"]
     assert broken["reason"] == "exit code"  # type: ignore[index]
+    assert broken["output"]["returncode"] == 3  # type: ignore[index]
     assert broken["error"]["phase"] == "run"  # type: ignore[index]
     assert "going wrong" in broken["output"]["stderr_tail"]  # type: ignore[index]
     shown = herder(herd.env(), "task", broken["id"]).stdout  # type: ignore[index]
@@ -304,3 +305,22 @@ def test_output_is_streamed_while_the_command_runs(herd: LocalHerd, tmp_path: Pa
     done = client.task(task_id)
     assert done["live"] is None  # dropped once the result is in
     assert done["task"]["output"]["stdout_tail"] == "first line\n"
+
+
+def test_tasks_do_not_see_the_join_token(herd: LocalHerd, tmp_path: Path) -> None:
+    job = push(
+        herd,
+        tmp_path,
+        """
+        [[tasks]]
+        name = "nosy"
+        run = "env > env.txt"
+        upload = ["env.txt"]
+        """,
+    )
+    wait_job(herd, job)
+    assert herd.client is not None
+    seen = herd.client.data.cat(f"jobs/{job}/nosy/env.txt").decode()
+    assert "HERDER_TASK_ID=" in seen
+    assert "HERDER_JOIN" not in seen
+    assert "hd1." not in seen  # no join token under any name

@@ -123,7 +123,9 @@ def run_command_task(command: CommandSpec, ctx: PhaseContext) -> dict[str, Any]:
             for spec in command.fetch:
                 _fetch(spec, work, ctx)
         with _phase(ctx, "run"):
-            output["returncode"] = _run(command, home, work, ctx)
+            output["returncode"] = code = _run(command, home, work, ctx)
+            if code != 0:
+                raise PhaseFailed("exit code", f"{command.argv()[0]} exited with code {code}")
         with _phase(ctx, "upload"):
             output["uploads"] = _upload(command.upload, work, ctx)
     except PhaseFailed as exc:
@@ -209,7 +211,7 @@ def _download(url: str, target: Path) -> None:
 
 
 def _run(command: CommandSpec, home: Path, work: Path, ctx: PhaseContext) -> int:
-    """Run the command with its output captured to files; raise PhaseFailed unless it exits 0.
+    """Run the command with its output captured to files; returns its exit code.
 
     The command leads its own process group, so a timeout kills everything it
     started and nothing else; ``on_spawn`` tells the caller the group, so a
@@ -242,8 +244,6 @@ def _run(command: CommandSpec, home: Path, work: Path, ctx: PhaseContext) -> int
                 os.killpg(proc.pid, signal.SIGKILL)
             if tail is not None:
                 tail.stop()
-    if code != 0:
-        raise PhaseFailed("exit code", f"{argv[0]} exited with code {code}")
     return code
 
 

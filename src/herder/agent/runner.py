@@ -25,6 +25,15 @@ import msgpack
 from herder import protocol
 from herder.agent.phases import attempt_dir
 
+# Variables that carry the cluster secret: never passed on to a worker, so no
+# task (nor any program a task runs) can read the join token from its environment.
+SECRET_VARIABLES = frozenset({"HERDER_JOIN", "HERDER_TOKEN"})
+
+
+def task_environment() -> dict[str, str]:
+    """The agent's environment less the secret, for its workers."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+
 
 class Slot:
     """One worker process and the socket to it.
@@ -63,7 +72,7 @@ class Slot:
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
-                env=self._env,
+                env=self._env if self._env is not None else task_environment(),
             )
         finally:
             theirs.close()
