@@ -61,6 +61,7 @@ def test_a_full_datastore_fails_the_upload_and_stores_nothing(
         assert task["reason"] == "datastore_full"
         assert f"jobs/{job}/too-big/big.bin" in task["error"]["message"]
         assert task["error"]["phase"] == "upload"
+        assert str(tiny_datastore) in task["error"]["message"]  # the path on disk, too
         # what fitted before the full disk is there whole; nothing partial is visible
         assert herd.client is not None
         keys = [o.key for o in herd.client.data.ls()]

@@ -324,3 +324,52 @@ def test_tasks_do_not_see_the_join_token(herd: LocalHerd, tmp_path: Path) -> Non
     assert "HERDER_TASK_ID=" in seen
     assert "HERDER_JOIN" not in seen
     assert "hd1." not in seen  # no join token under any name
+
+
+def test_inputs_from_urls(herd: LocalHerd, tmp_path: Path) -> None:
+    """http(s) inputs: fetched into the scratch directory; a 404 is input_missing."""
+    import http.server
+    import threading
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "genome.fa").write_text(">chr1\nACGT\n")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(site), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        job = push(
+            herd,
+            tmp_path,
+            f"""
+            [[tasks]]
+            name = "from-web"
+            fetch = [{{url = "{base}/genome.fa"}}, {{url = "{base}/genome.fa", dest = "ref/g.fa"}}]
+            run = "cmp genome.fa ref/g.fa && grep -c ACGT genome.fa > n.txt"
+            upload = ["n.txt"]
+
+            [[tasks]]
+            name = "dead-link"
+            fetch = [{{url = "{base}/missing.fa"}}]
+            run = "true"
+            retries = 0
+            """,
+        )
+        wait_job(herd, job)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert herd.client is not None
+    assert herd.client.data.cat(f"jobs/{job}/from-web/n.txt").strip() == b"1"
+    dead = task_named(herd, job, "dead-link")["task"]
+    assert dead["reason"] == "input_missing"  # type: ignore[index]
+    assert f"{base}/missing.fa" in dead["error"]["message"]  # type: ignore[index]

@@ -321,7 +321,7 @@ def _upload(patterns: list[str], work: Path, ctx: PhaseContext) -> list[dict[str
         try:
             info = ctx.data.put_file(key, path)
         except DatastoreFull as exc:
-            raise PhaseFailed("datastore_full", f"the datastore is full uploading {key!r}") from exc
+            raise PhaseFailed("datastore_full", f"uploading {key!r}: {exc}") from exc
         except DatastoreUnavailable as exc:
             raise PhaseFailed("datastore_unavailable", f"uploading {key!r}: {exc}") from exc
         except DatastoreError as exc:
