@@ -652,7 +652,7 @@ def results(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Download every output of a job's tasks: ``jobs/JOB/<task>/...`` into ``OUT/<task>/...``."""
+    """Download every output of a job's tasks (jobs/JOB/TASK/... into OUT/TASK/...)."""
     from herder.agent.phases import job_prefix
 
     prefix = job_prefix(job)
