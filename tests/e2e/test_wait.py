@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from herder.local import LocalHerd
+from tests.helpers import herder
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +27,7 @@ def local() -> Iterator[LocalHerd]:
 
 def push(local: LocalHerd, path: Path, tasks: list[dict[str, object]]) -> str:
     path.write_text(json.dumps({"tasks": tasks}))
-    done = subprocess.run(
-        [sys.executable, "-m", "herder", "push", str(path), "--json"],
-        env=local.env(),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    done = herder(local.env(), "push", str(path), "--json")
     return str(json.loads(done.stdout)["job_id"])
 
 
