@@ -17,6 +17,7 @@ __all__ = [
     "ConnectionLost",
     "DependencyFailed",
     "Future",
+    "Herd",
     "HerderError",
     "LocalHerd",
     "RemoteTraceback",
@@ -38,6 +39,7 @@ _WHERE = {
     "TaskFuture": "herder.client",
     "connect": "herder.client",
     "LocalHerd": "herder.local",
+    "Herd": "herder.herd",
     "ConnectionLost": "herder.errors",
     "DependencyFailed": "herder.errors",
     "HerderError": "herder.errors",
@@ -62,10 +64,13 @@ if TYPE_CHECKING:
         TaskLost,
         TaskTimeout,
     )
+    from herder.herd import Herd
     from herder.local import LocalHerd
 
 
 def __getattr__(name: str) -> Any:
+    if name == "providers":  # herder.providers.EC2(...) in a Herd class body
+        return importlib.import_module("herder.providers")
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'herder' has no attribute {name!r}")

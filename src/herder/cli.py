@@ -141,6 +141,13 @@ def up(
             "a ceiling, and agents are started again when tasks wait.",
         ),
     ] = None,
+    herd: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HERDER_HERD",
+            help="The fleet policy: pkg.module:ClassName, a herder.Herd subclass.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="HERDER_LOG_LEVEL")] = "info",
     log_format: Annotated[
         str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
@@ -167,14 +174,19 @@ def up(
     """Run a coordinator in the foreground (SIGTERM, `herder down`, --stop-file: a clean stop)."""
     from herder.config import load_settings
     from herder.coordinator.service import Coordinator
+    from herder.herd import load_herd, local_herd
 
     _setup_logging(log_level, log_format, log_file, log_file_max_mb)
     settings = load_settings(_env(home), store_url=store, listen=listen)
+    if herd is not None and local:
+        raise _fail("give either --herd or --local, not both")
+    try:
+        policy = load_herd(herd) if herd else local_herd(local, slots=slots, idle_s=idle_exit)
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
 
     async def main() -> None:
-        coord = Coordinator(
-            settings, local_agents=local, local_slots=slots, local_idle_exit=idle_exit
-        )
+        coord = Coordinator(settings, herd=policy)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, coord.stop)
@@ -302,12 +314,42 @@ def agent(
             help="Leave (exit 0) after this many seconds connected without work.",
         ),
     ] = None,
+    orphan_action: Annotated[
+        str,
+        typer.Option(
+            envvar="HERDER_ORPHAN_ACTION",
+            help="After --orphan-after: exit, or shutdown (also run --shutdown-command).",
+        ),
+    ] = "exit",
+    shutdown_command: Annotated[
+        str,
+        typer.Option(
+            envvar="HERDER_SHUTDOWN_COMMAND",
+            help="What --orphan-action shutdown runs (split like a shell would).",
+        ),
+    ] = "shutdown -h now",
+    metadata_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HERDER_METADATA_URL",
+            help="Instance metadata service to watch for a spot interruption notice "
+            "(e.g. http://169.254.169.254); off when not given.",
+        ),
+    ] = None,
+    spot_poll_s: Annotated[
+        float,
+        typer.Option(
+            envvar="HERDER_SPOT_POLL_S", min=0.01, help="Seconds between spot notice checks."
+        ),
+    ] = 5.0,
     log_level: Annotated[str, typer.Option(envvar="HERDER_LOG_LEVEL")] = "info",
     log_format: Annotated[
         str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
     ] = "text",
 ) -> None:
     """Run an agent: pair with a coordinator and run its tasks."""
+    import shlex
+
     from herder.agent.agent import Agent, AgentConfig
     from herder.model import new_id
     from herder.security import JoinToken
@@ -321,6 +363,11 @@ def agent(
         raise _fail(str(exc)) from exc
     if parsed.url is None:
         raise _fail("the join token has no @URL part")
+    if orphan_action not in ("exit", "shutdown"):
+        raise _fail(f"--orphan-action must be exit or shutdown, not {orphan_action!r}")
+    shutdown_argv = tuple(shlex.split(shutdown_command))
+    if not shutdown_argv:
+        raise _fail("--shutdown-command is empty")
     labels = {}
     for item in label or []:
         key, sep, value = item.partition("=")
@@ -340,6 +387,10 @@ def agent(
         orphan_after_s=orphan_after,
         idle_exit_s=idle_exit,
         scratch_dir=scratch_dir,
+        metadata_url=metadata_url,
+        spot_poll_s=spot_poll_s,
+        orphan_action="shutdown" if orphan_action == "shutdown" else "exit",
+        shutdown_command=shutdown_argv,
     )
 
     async def main() -> int:
@@ -388,19 +439,58 @@ def nodes(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table("id", "state", "provider", "slots", "running", "labels", "reason")
+    table = Table("id", "state", "provider", "address", "slots", "running", "labels", "reason")
     for n in rows:
         labels = ",".join(f"{k}={v}" for k, v in n["labels"].items())
         table.add_row(
             n["id"],
             n["state"],
             n["provider"],
+            n.get("address") or "",
             str(n["slots"]),
             str(n["running"]),
             labels,
             n["reason"] or "",
         )
     console.print(table)
+
+
+@app.command()
+def scale(
+    count: Annotated[str, typer.Argument(help="Nodes to keep, or 'auto' for the herd's policy.")],
+    home: HomeOpt = None,
+) -> None:
+    """Keep COUNT nodes (surplus ones drain first; running tasks are not killed)."""
+    if count != "auto" and not count.isdigit():
+        raise _fail(f"scale: expected a count or 'auto', got {count!r}")
+    with _client(home) as herd:
+        try:
+            target = herd.scale(None if count == "auto" else int(count))
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    console.print("autoscaling" if target is None else f"keeping {target} nodes")
+
+
+@app.command()
+def drain(node: Annotated[str, typer.Argument(help="Node id.")], home: HomeOpt = None) -> None:
+    """The node takes no more work and leaves once its running tasks are done."""
+    with _client(home) as herd:
+        try:
+            herd.drain(node)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    console.print(f"{node} draining")
+
+
+@app.command()
+def terminate(node: Annotated[str, typer.Argument(help="Node id.")], home: HomeOpt = None) -> None:
+    """End the node now: its running tasks are stopped and go back to the queue."""
+    with _client(home) as herd:
+        try:
+            herd.terminate(node)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    console.print(f"{node} terminated")
 
 
 @app.command()

@@ -585,6 +585,24 @@ class AsyncClient:
         result: list[dict[str, Any]] = await self._get("/v1/nodes")
         return result
 
+    async def fleet(self) -> dict[str, Any]:
+        """The fleet's policy, target and node counts by state."""
+        result: dict[str, Any] = await self._get("/v1/fleet")
+        return result
+
+    async def scale(self, target: int | None) -> int | None:
+        """Keep ``target`` nodes (None: back to the herd's own policy)."""
+        result: int | None = (await self._post("/v1/fleet/scale", {"target": target}))["target"]
+        return result
+
+    async def drain(self, node_id: str) -> None:
+        """The node takes no more work and leaves once its running tasks are done."""
+        await self._post(f"/v1/nodes/{node_id}/drain", {})
+
+    async def terminate(self, node_id: str) -> None:
+        """End the node now; its running tasks go back to the queue."""
+        await self._post(f"/v1/nodes/{node_id}/terminate", {})
+
     async def tasks(
         self,
         *,
@@ -800,6 +818,18 @@ class Client:
 
     def nodes(self) -> builtins.list[dict[str, Any]]:
         return self._run(self._async.nodes())
+
+    def fleet(self) -> dict[str, Any]:
+        return self._run(self._async.fleet())
+
+    def scale(self, target: int | None) -> int | None:
+        return self._run(self._async.scale(target))
+
+    def drain(self, node_id: str) -> None:
+        self._run(self._async.drain(node_id))
+
+    def terminate(self, node_id: str) -> None:
+        self._run(self._async.terminate(node_id))
 
     def tasks(self, **filters: Any) -> builtins.list[dict[str, Any]]:
         return self._run(self._async.tasks(**filters))

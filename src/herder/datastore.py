@@ -433,7 +433,7 @@ class _S3Backend(_Backend):
     chunk = 8 << 20
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
-        import botocore.exceptions  # type: ignore[import-untyped]
+        import botocore.exceptions
         from fsspec.exceptions import FSTimeoutError  # type: ignore[import-untyped]
 
         super().__init__(fs, root)

@@ -25,12 +25,17 @@ from herder.errors import HerderError
 
 
 class LocalHerd:
-    """``with LocalHerd(nodes=4) as herd: herd.submit(pow, 2, 10).result()``."""
+    """``with LocalHerd(nodes=4) as herd: herd.submit(pow, 2, 10).result()``.
+
+    ``herd="pkg.module:MyHerd"`` runs that fleet policy instead of ``nodes``
+    local agents (:meth:`wait_nodes` then needs a count).
+    """
 
     def __init__(
         self,
         nodes: int = 2,
         *,
+        herd: str | None = None,
         slots: int = 1,
         home: Path | None = None,
         store: str | None = None,
@@ -48,8 +53,7 @@ class LocalHerd:
             "-m",
             "herder",
             "up",
-            "--local",
-            str(nodes),
+            *(["--herd", herd] if herd else ["--local", str(nodes)]),
             "--slots",
             str(slots),
             "--listen",

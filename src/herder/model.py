@@ -81,9 +81,9 @@ _N = NodeState
 NODE_TRANSITIONS: frozenset[tuple[NodeState, NodeState]] = frozenset(
     {
         (_N.REQUESTED, _N.BOOTING),
-        (_N.REQUESTED, _N.CONNECTED),
+        (_N.REQUESTED, _N.CONNECTED),  # it paired before the provider call returned
         (_N.BOOTING, _N.CONNECTED),
-        (_N.CONNECTED, _N.READY),
+        (_N.CONNECTED, _N.READY),  # after the herd's ``init_node``
         (_N.READY, _N.BUSY),
         (_N.BUSY, _N.READY),
         (_N.READY, _N.DRAINING),
@@ -136,6 +136,13 @@ class Reason(enum.StrEnum):
     IDLE = "idle"
     SHUTDOWN = "shutdown"
     REPLACED = "replaced"
+    SPOT_INTERRUPTION = "spot interruption"
+    BOOT_TIMEOUT = "boot timeout"
+    PROVIDER_ERROR = "provider error"
+    INIT_FAILED = "init_node failed"
+    PROCESS_EXITED = "process exited"
+    ORPHAN = "orphan"
+    SCALED_DOWN = "scaled down"
 
 
 # ---------------------------------------------------------------------------
@@ -399,7 +406,9 @@ class NodeRecord(BaseModel):
     pid: int | None
     created_at: float
     last_seen: float | None
-    reason: str | None
+    reason: str | None  # the death reason once it is terminated or lost
+    address: str | None = None  # where its provider put it: a pid, a host, an instance id
+    deadline: float | None = None  # a requested/booting node not paired by then is replaced
 
 
 class EventRecord(BaseModel):

@@ -75,6 +75,7 @@ class Heartbeat(_Msg):
     t: Literal["hb"] = "hb"
     leases: list[str] = Field(default_factory=list)
     prefetch: int | None = Field(default=None, ge=0, le=100_000)
+    telemetry: dict[str, float] | None = None  # cpu %, memory, disk, load (psutil)
 
 
 class Started(_Msg):
@@ -119,10 +120,18 @@ class Output(_Msg):
 
 
 class Release(_Msg):
-    """Leases handed back unstarted (a draining agent), so others can take them at once."""
+    """Leases handed back unstarted (a draining agent), so others can take them at once.
+
+    ``interrupted``: the agent's machine is being taken away (a spot
+    interruption notice). The leases are every one it held, queued *and*
+    running; the running tasks were killed before this was sent and none
+    will report a result. Each is to go back to ``ready`` at once, whatever
+    its state, without being charged an attempt.
+    """
 
     t: Literal["release"] = "release"
     leases: list[HeldLease]
+    interrupted: bool = False
 
 
 class Bye(_Msg):
@@ -182,7 +191,12 @@ class Cancel(_Msg):
 
 
 class Drain(_Msg):
+    """Take no more work and hand back what has not started. ``leave``: exit once
+    the running tasks are done; ``kill``: stop them now and hand them back too."""
+
     t: Literal["drain"] = "drain"
+    leave: bool = False
+    kill: bool = False
 
 
 # --- client <-> coordinator (session channel) -------------------------------

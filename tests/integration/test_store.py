@@ -387,21 +387,25 @@ async def test_requeue_node_fails_a_task_that_ran_out_of_attempts(store: SqlStor
     assert await state(store, "t") == S.FAILED
 
 
-async def test_release_leases_hands_back_unstarted_tasks_without_charging(
-    store: SqlStore,
-) -> None:
-    await store.submit("j", None, [spec("a"), spec("b")], 1.0)
+async def test_release_leases_hands_back_tasks_without_charging(store: SqlStore) -> None:
+    """Unstarted leases (a drain) and running ones its agent stopped (a spot
+    interruption, a terminate) come back ready, their attempt not counted;
+    a stale lease id releases nothing."""
+    await store.submit("j", None, [spec("a"), spec("b"), spec("c")], 1.0)
     got = await claim_all(store, "n1", 2.0)
     await store.mark_running([("b", got["b"].lease_id)], 3.0)
-    ch = await store.release_leases([("a", got["a"].lease_id), ("b", got["b"].lease_id)], 4.0)
-    assert ch.requeued == ["a"]
-    assert ch.newly_ready == 1
-    rec = await store.task("a")
+    ch = await store.release_leases(
+        [("a", got["a"].lease_id), ("b", got["b"].lease_id), ("c", "stale-lease")], 4.0
+    )
+    assert ch.requeued == ["a", "b"]
+    assert ch.newly_ready == 2
+    for tid in ("a", "b"):
+        rec = await store.task(tid)
+        assert rec is not None
+        assert (rec.state, rec.attempt, rec.lease_id, rec.started_at) == (S.READY, 0, None, None)
+    rec = await store.task("c")
     assert rec is not None
-    assert (rec.state, rec.attempt, rec.lease_id) == (S.READY, 0, None)
-    rec = await store.task("b")
-    assert rec is not None
-    assert (rec.state, rec.lease_id) == (S.RUNNING, got["b"].lease_id)
+    assert (rec.state, rec.lease_id) == (S.LEASED, got["c"].lease_id)
     [c] = await store.claim("n2", [""], 1, 5.0)
     assert (c.task_id, c.attempt) == ("a", 1)
     assert c.lease_id != got["a"].lease_id

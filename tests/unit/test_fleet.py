@@ -1,55 +1,35 @@
-"""The fleet's decision of how many nodes to start: fixed count, or on demand up to a ceiling."""
+"""The fleet's pure decisions: how many nodes to add, how many autoscaling needs."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from herder.fleet import SpawnBackoff, spawn_count
+from herder.fleet import SpawnBackoff, autoscale_need, nodes_to_add
 
 
-def count(**kw: Any) -> int:
-    base: dict[str, Any] = {
-        "desired": 4,
-        "slots": 1,
-        "on_demand": True,
-        "first_pass": False,
-        "own": [],
-        "paired": [],
-        "leaving": [],
-        "ready": 0,
-    }
-    return spawn_count(**{**base, **kw})
+def test_nodes_to_add_fills_up_to_the_desired_count() -> None:
+    assert nodes_to_add(desired=4, staying=1, alive=1, max_nodes=10, capacity=None) == 3
+    assert nodes_to_add(desired=4, staying=4, alive=4, max_nodes=10, capacity=None) == 0
+    assert nodes_to_add(desired=2, staying=4, alive=4, max_nodes=10, capacity=None) == 0
 
 
-def test_fixed_keeps_the_count_whatever_the_queue() -> None:
-    assert count(on_demand=False, own=["a"], ready=0) == 3
-    assert count(on_demand=False, own=["a", "b", "c", "d"], ready=100) == 0
+def test_never_more_than_max_nodes_plus_one_alive() -> None:
+    # 4 staying + 1 draining of max 4: one replacement may boot, no more
+    assert nodes_to_add(desired=4, staying=3, alive=4, max_nodes=4, capacity=None) == 1
+    assert nodes_to_add(desired=4, staying=3, alive=5, max_nodes=4, capacity=None) == 0
+    assert nodes_to_add(desired=4, staying=2, alive=4, max_nodes=4, capacity=None) == 1
 
 
-def test_on_demand_starts_the_ceiling_first_then_nothing_without_work() -> None:
-    assert count(first_pass=True) == 4
-    assert count() == 0
-    assert count(own=["a"], paired=["a"], ready=0) == 0
+def test_a_provider_is_never_asked_for_more_than_it_holds() -> None:
+    assert nodes_to_add(desired=8, staying=0, alive=0, max_nodes=10, capacity=3) == 3
+    assert nodes_to_add(desired=8, staying=2, alive=3, max_nodes=10, capacity=3) == 0
 
 
-def test_on_demand_starts_what_the_ready_tasks_need_up_to_the_ceiling() -> None:
-    assert count(ready=1) == 1
-    assert count(ready=3) == 3
-    assert count(ready=100) == 4
-    assert count(ready=100, own=["a", "b"], paired=["a", "b"]) == 2
-    assert count(ready=5, slots=2) == 3  # ceil(5 / 2)
-
-
-def test_booting_nodes_count_for_the_work_they_will_take() -> None:
-    assert count(ready=1, own=["a"], paired=[]) == 0
-    assert count(ready=3, own=["a"], paired=[]) == 2
-    assert count(ready=4, slots=2, own=["a"], paired=[]) == 1
-
-
-def test_leaving_nodes_make_room_and_take_nothing() -> None:
-    own = ["a", "b", "c", "d"]
-    assert count(ready=10, own=own, paired=own, leaving=["c", "d"]) == 2
-    assert count(ready=0, own=own, paired=own, leaving=own) == 0
+def test_autoscale_needs_nodes_for_ready_tasks_less_what_booting_nodes_take() -> None:
+    assert autoscale_need(ready=0, unpaired_slots=0, slots=1) == 0
+    assert autoscale_need(ready=3, unpaired_slots=0, slots=1) == 3
+    assert autoscale_need(ready=5, unpaired_slots=0, slots=2) == 3  # ceil(5 / 2)
+    assert autoscale_need(ready=3, unpaired_slots=1, slots=1) == 2
+    assert autoscale_need(ready=4, unpaired_slots=2, slots=2) == 1
+    assert autoscale_need(ready=1, unpaired_slots=4, slots=2) == 0
 
 
 def test_spawn_backoff_doubles_up_to_a_cap_and_resets_when_a_node_pairs() -> None:

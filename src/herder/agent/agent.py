@@ -13,6 +13,15 @@ send the results, say goodbye, close the slots. With ``idle_exit_s`` the agent
 also leaves by itself once it has held no work for that long: it says goodbye
 with reason ``idle`` (holding nothing, and running nothing assigned after) and
 exits 0.
+
+On a cloud machine the agent also looks after the machine. With
+``metadata_url`` it watches for a spot interruption notice (see
+:mod:`herder.agent.spot`); when one comes it takes nothing more, kills its
+running tasks, hands every lease back at once (``Release`` with
+``interrupted``: running ones included, none to be charged an attempt),
+says goodbye as ``spot interruption`` and exits 0. With ``orphan_action``
+``shutdown``, an agent whose coordinator stayed away for ``orphan_after_s``
+runs ``shutdown_command`` after leaving, so an orphaned machine stops billing.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import socket
 import ssl
 import tempfile
@@ -30,15 +40,18 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 from herder import protocol, security
 from herder.errors import AuthenticationError, PinningError, SecurityError
+from herder.model import Reason
 
+from . import telemetry
 from .runner import Slot
+from .spot import SpotNotice, SpotWatcher
 
 log = logging.getLogger("herder.agent")
 
@@ -47,6 +60,11 @@ STARTED_REPORT_DELAY_S = 0.05
 # so short tasks never wait for a round trip and long ones are not hoarded.
 QUEUED_WORK_PER_SLOT_S = 0.05
 MAX_PREFETCH = 512
+# On a spot interruption notice: how long to wait for killed tasks to end, and
+# for the last results to be acknowledged (EC2 gives about two minutes in all).
+INTERRUPT_KILL_WAIT_S = 10.0
+INTERRUPT_SETTLE_S = 10.0
+SHUTDOWN_COMMAND_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,13 @@ class AgentConfig:
     # Command tasks run in <scratch_dir>/<task>-<attempt>/; None: a herder-scratch
     # directory in the system's temporary directory.
     scratch_dir: Path | None = None
+    # Instance metadata service to watch for a spot interruption notice; None: off.
+    metadata_url: str | None = None
+    spot_poll_s: float = 5.0
+    # When no coordinator answered for orphan_after_s: just exit, or also run
+    # shutdown_command (a cloud machine that shuts down is terminated: no bill).
+    orphan_action: Literal["exit", "shutdown"] = "exit"
+    shutdown_command: tuple[str, ...] = ("shutdown", "-h", "now")
 
 
 class Agent:
@@ -101,6 +126,11 @@ class Agent:
         self._disconnected_at: float | None = time.monotonic()
         self._last_active = time.monotonic()  # work arrived, ended or was acknowledged
         self._bye_reason = "stopped"
+        self._orphaned = False  # left because no coordinator answered for orphan_after_s
+        self._interrupting = False  # a spot interruption notice came
+        self._interrupted: set[str] = set()  # lease ids killed for it: no result is sent
+        self._to_release: list[protocol.HeldLease] = []  # killed for it, to hand back
+        self._patient = False  # leaving for a drain: running tasks end on their own
 
     def _prefetch(self) -> int:
         """How many tasks to hold queued beyond the slots.
@@ -161,12 +191,16 @@ class Agent:
                 for slot in self._slots:
                     tg.create_task(self._slot_loop(slot), name=f"slot-{slot.index}")
                 tg.create_task(self._watchdog(), name="watchdog")
+                if self.config.metadata_url is not None:
+                    tg.create_task(self._watch_spot(self.config.metadata_url), name="spot")
                 tg.create_task(connect_then_exit(), name="connect")
         except* _Exit:
             pass
         finally:
             for slot in self._slots:
                 await slot.close()
+        if self._orphaned and self.config.orphan_action == "shutdown":
+            return await self._shut_down_machine()
         return code
 
     async def _connect_loop(self) -> int:
@@ -310,7 +344,11 @@ class Agent:
         await self._stopping.wait()
         await self._hand_back()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wait_settled(), self.config.grace_s)
+            grace = None if self._patient else self.config.grace_s
+            if self._interrupting:
+                grace = min(self.config.grace_s, INTERRUPT_SETTLE_S)
+            await asyncio.wait_for(self._wait_settled(), grace)
+        await self._hand_back()  # tasks killed for an interruption meanwhile: before the bye
         for _, task in list(self._running.values()):
             task.cancel()
         with contextlib.suppress(websockets.WebSocketException):
@@ -329,19 +367,26 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
 
     async def _hand_back(self) -> None:
+        """Release the queued leases, and those of tasks killed for an interruption
+        (only once they are dead, so no task runs twice at once)."""
         queued, self._queue = list(self._queue), deque()
-        if queued and self._ws is not None:
-            with contextlib.suppress(websockets.WebSocketException):
-                await self._ws.send(
-                    protocol.encode(
-                        protocol.Release(
-                            leases=[
-                                protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id)
-                                for a in queued
-                            ]
-                        )
-                    )
+        killed = [h for h in self._to_release if h.lease_id not in self._running]
+        self._to_release = [h for h in self._to_release if h.lease_id in self._running]
+        leases = [protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id) for a in queued]
+        leases += killed
+        if not leases:
+            return
+        if self._ws is None:
+            if killed:
+                log.warning(
+                    "not connected: %d interrupted leases will expire at the coordinator",
+                    len(killed),
                 )
+            return
+        with contextlib.suppress(websockets.WebSocketException):
+            await self._ws.send(
+                protocol.encode(protocol.Release(leases=leases, interrupted=bool(killed)))
+            )
 
     def _on_message(self, msg: Any) -> None:
         if isinstance(msg, protocol.Assign):
@@ -369,28 +414,41 @@ class Agent:
         elif isinstance(msg, protocol.Drain):
             self._draining = True
             self._background(self._hand_back())
+            if msg.kill:  # terminated: the running tasks go back to the queue now
+                self._background(self._give_everything_back("drained"))
+            elif msg.leave:  # the running tasks end first, however long they take
+                self._bye_reason = "drained"
+                self._patient = True
+                self.stop()
         else:
             raise protocol.ProtocolError(f"unexpected {type(msg).__name__}")
 
     async def _heartbeat_loop(self, ws: ClientConnection) -> None:
         while True:
             leases = [*self._running, *(a.lease_id for a in self._queue)]
-            await ws.send(
-                protocol.encode(protocol.Heartbeat(leases=leases, prefetch=self._prefetch()))
+            beat = protocol.Heartbeat(
+                leases=leases,
+                prefetch=self._prefetch(),
+                telemetry=telemetry.sample(self._task_context["scratch_root"]),
             )
+            await ws.send(protocol.encode(beat))
             await asyncio.sleep(self._heartbeat_s)
 
     async def _watchdog(self) -> None:
         """Stop tasks whose leases expired while the coordinator was away; retire when idle."""
         while True:
             await asyncio.sleep(0.25)
-            if not self._stopping.is_set() and self._is_idle():
+            if not self._stopping.is_set() and not self._interrupting and self._is_idle():
                 self._retire()
             gone = self._disconnected_at
             if gone is not None and time.monotonic() - gone > self.config.orphan_after_s:
-                log.error(
-                    "no coordinator for %.0fs: leaving (orphan_after)", self.config.orphan_after_s
-                )
+                if not self._orphaned:
+                    log.error(
+                        "no coordinator for %.0fs: leaving (orphan_after, then %s)",
+                        self.config.orphan_after_s,
+                        self.config.orphan_action,
+                    )
+                self._orphaned = True
                 self.stop()
             if gone is not None and time.monotonic() - gone > self._lost_after_s:
                 if self._running or self._queue:
@@ -402,6 +460,63 @@ class Agent:
                 self._queue.clear()
                 for _, task in list(self._running.values()):
                     task.cancel()
+
+    # --- the machine: spot interruption, orphan shutdown -------------------------------
+
+    async def _watch_spot(self, url: str) -> None:
+        notice = await SpotWatcher(url, poll_s=self.config.spot_poll_s).wait_notice()
+        await self._interrupt(notice)
+
+    async def _interrupt(self, notice: SpotNotice) -> None:
+        """The machine is being taken away: kill the running tasks, hand every lease
+        back at once, say goodbye as ``spot interruption`` and leave."""
+        running = list(self._running.values())
+        log.warning(
+            "spot interruption notice (%s at %s): killing %d tasks, handing back %d leases",
+            notice.action,
+            notice.time,
+            len(running),
+            len(running) + len(self._queue),
+            extra={"action": "spot_interruption", "node_id": self.config.node_id},
+        )
+        await self._give_everything_back(Reason.SPOT_INTERRUPTION.value)
+
+    async def _give_everything_back(self, bye_reason: str) -> None:
+        """Kill the running tasks, hand every lease back at once (not charged, no
+        result sent for the killed), say goodbye and leave."""
+        running = list(self._running.values())
+        self._interrupting = True
+        self._bye_reason = bye_reason
+        self._draining = True  # the slots take nothing more
+        self._interrupted.update(a.lease_id for a, _ in running)
+        self._to_release.extend(
+            protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id) for a, _ in running
+        )
+        for _, task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait([task for _, task in running], timeout=INTERRUPT_KILL_WAIT_S)
+        await self._hand_back()
+        self.stop()
+
+    async def _shut_down_machine(self) -> int:
+        """Run ``shutdown_command`` (orphaned, ``orphan_action="shutdown"``); the exit code."""
+        command = self.config.shutdown_command
+        log.warning(
+            "orphaned: shutting the machine down: %s",
+            shlex.join(command),
+            extra={"action": "orphan_shutdown", "node_id": self.config.node_id},
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL)
+            code = await asyncio.wait_for(proc.wait(), SHUTDOWN_COMMAND_WAIT_S)
+        except (OSError, TimeoutError) as exc:
+            log.error("shutdown command %s failed: %s", shlex.join(command), exc)
+            return 1
+        if code != 0:
+            log.error("shutdown command %s exited with %d", shlex.join(command), code)
+            return 1
+        return 0
 
     # --- running tasks ----------------------------------------------------------------
 
@@ -435,6 +550,9 @@ class Agent:
         try:
             out = await slot.run(a)
         except asyncio.CancelledError:
+            if a.lease_id in self._interrupted:
+                self._interrupted.discard(a.lease_id)
+                return  # killed for a spot interruption: the lease is handed back, no result
             out = {"state": "cancelled", "reason": "cancelled"}
         finally:
             handle.cancel()

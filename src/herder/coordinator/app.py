@@ -23,6 +23,7 @@ from herder.model import ID_PATTERN, TaskState, gc_paused
 from herder.taskfile import MAX_JOB_ID_LENGTH, TaskFileFormat, parse_tasks
 
 from .data_routes import data_router
+from .fleet_routes import fleet_router
 from .sessions import ClientSession
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     app.include_router(data_router(coord), dependencies=auth)
+    app.include_router(fleet_router(coord), dependencies=auth)
 
     @app.get("/v1/ca")
     async def ca() -> Response:

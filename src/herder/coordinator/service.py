@@ -5,7 +5,7 @@ Written shutdown order (:meth:`Coordinator.run` after :meth:`stop`):
 1. stop intake: new submissions are refused with 503, nothing new is dispatched;
 2. tell every agent to drain: unstarted leases come back, running tasks finish;
 3. wait up to ``shutdown_grace_s`` for outstanding leases to report;
-4. stop the local agents the coordinator started;
+4. terminate the nodes the herd's provider started;
 5. stop the HTTP server, cancel the loops, close the store.
 
 Each step is logged. :meth:`stop` is idempotent and only sets an event.
@@ -30,8 +30,9 @@ from fastapi import WebSocket
 from herder import protocol, security
 from herder.config import Settings
 from herder.datastore import Datastore
-from herder.errors import InvalidTransition, ProviderError, StoreError, SubmissionError
-from herder.fleet import LocalFleet
+from herder.errors import InvalidTransition, StoreError, SubmissionError
+from herder.fleet import Fleet, NodeLoad
+from herder.herd import Herd
 from herder.model import (
     NodeRecord,
     NodeState,
@@ -40,7 +41,6 @@ from herder.model import (
     TaskState,
     labels_match,
 )
-from herder.providers.local import LocalProvider
 from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission, TaskResult
 from herder.store.sql import SqlStore
 
@@ -74,15 +74,7 @@ class _Server(uvicorn.Server):
 class Coordinator:
     """One coordinator: ``async with Coordinator(settings) as c: await c.wait_stopped()``."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        local_agents: int = 0,
-        local_slots: int = 1,
-        local_idle_exit: float | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, *, herd: Herd | None = None) -> None:
         self.settings = settings
         self.store = SqlStore(settings.store_url)
         self.secret = security.load_or_create_secret(settings.secret_path)
@@ -111,21 +103,15 @@ class Coordinator:
         self._stopped = asyncio.Event()
         self._ready = asyncio.Event()
         self._orphan_deadline: dict[str, float] = {}
-        self._retired: set[str] = set()  # local nodes that left for want of work
         self._dispatched = 0
         self._completed = 0
         self._started_at = time.time()
-        self.fleet = LocalFleet(
-            LocalProvider(
-                join=self.join_token(),
-                slots=local_slots,
-                home=settings.home,
-                env=env if env is not None else dict(os.environ),
-                idle_exit=local_idle_exit,
-            ),
-            desired=local_agents,
-            slots=local_slots,
-            on_demand=local_idle_exit is not None,
+        self.fleet = Fleet(
+            herd or Herd(),
+            self.store,
+            self,
+            join=self.join_token(),
+            grace_s=settings.timeouts.shutdown_grace_s,
         )
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -189,6 +175,7 @@ class Coordinator:
         await self.store.open()
         try:
             await self._recover()
+            await self.fleet.start(self.settings.home)
             config = uvicorn.Config(
                 create_app(self),
                 ssl_certfile=str(self.tls.cert),
@@ -209,7 +196,7 @@ class Coordinator:
                 loops = [
                     tg.create_task(self._engine_loop(), name="engine"),
                     tg.create_task(self._expiry_loop(), name="lease-expiry"),
-                    tg.create_task(self._fleet_loop(), name="fleet"),
+                    tg.create_task(self.fleet.run(self._stopping), name="fleet"),
                 ]
                 self._write_state_file()
                 log.info("coordinator ready at %s (store %s)", self.url, self.store.url)
@@ -242,8 +229,8 @@ class Coordinator:
             await asyncio.wait_for(self._wait_drained(), self.settings.timeouts.shutdown_grace_s)
         left = sum(len(a.outstanding) for a in self.agents.values())
         log.info("shutdown 3/5: %d leases still out after the grace period", left)
-        await self.fleet.stop_all(grace=self.settings.timeouts.shutdown_grace_s)
-        log.info("shutdown 4/5: local agents stopped")
+        await self.fleet.stop_all()
+        log.info("shutdown 4/5: the herd's nodes terminated")
         for task in loops:
             task.cancel()
         for agent in list(self.agents.values()):
@@ -269,6 +256,8 @@ class Coordinator:
         deadline = time.monotonic() + self.settings.timeouts.lost_after_s
         now = time.time()
         for node in await self.store.nodes():
+            if node.state in (NodeState.REQUESTED, NodeState.BOOTING):
+                continue  # still booting: its boot timeout decides
             if node.state.is_alive:
                 self._orphan_deadline[node.id] = deadline
             else:
@@ -491,7 +480,6 @@ class Coordinator:
                 hello.node_id, Reason.LOST_HEARTBEAT, now, keep=set(adopted)
             )
         )
-        await self.store.set_node_state(hello.node_id, NodeState.READY, None, now)
         session = AgentSession(
             node_id=hello.node_id,
             name=hello.name,
@@ -501,9 +489,9 @@ class Coordinator:
             ws=ws,
             provider=record.provider,
         )
-        self._retired.discard(hello.node_id)
         task_of = dict((lid, tid) for tid, lid in held)
         session.outstanding = {lid: task_of[lid] for lid in adopted}
+        session.settle()
         self.agents[hello.node_id] = session
         await session.send(
             protocol.Welcome(
@@ -522,8 +510,26 @@ class Coordinator:
             hello.slots,
             len(adopted),
         )
-        self._wake.set()
+        self._spawn(self._prepare(session, record))
         return session
+
+    async def _prepare(self, session: AgentSession, record: NodeRecord) -> None:
+        """The herd's ``init_node`` step; then the node is ``ready`` and takes work."""
+        if not await self.fleet.prepare(record):
+            return
+        if session.closed or self.agents.get(session.node_id) is not session:
+            return
+        try:
+            node = await self.store.set_node_state(
+                session.node_id, NodeState.READY, None, time.time()
+            )
+        except InvalidTransition:  # drained or terminated while it was prepared
+            return
+        session.ready = True
+        if node is not None:
+            session.record = node
+            self.fleet.node_up(node)
+        self._wake.set()
 
     async def _on_agent_message(self, session: AgentSession, msg: Any) -> None:
         if isinstance(msg, (protocol.Heartbeat, protocol.Results)) and msg.prefetch is not None:
@@ -532,6 +538,8 @@ class Coordinator:
             stale = [lid for lid in msg.leases if lid not in session.outstanding]
             if stale:
                 await session.send(protocol.Cancel(leases=stale))
+            if msg.telemetry and session.record is not None:
+                self.fleet.telemetry(session.record, msg.telemetry)
         elif isinstance(msg, protocol.Started):
             self._started.extend(
                 (h.task_id, h.lease_id) for h in msg.leases if h.lease_id in session.outstanding
@@ -548,23 +556,24 @@ class Coordinator:
             for h in msg.leases:
                 if session.outstanding.pop(h.lease_id, None) is not None:
                     self._released.append((h.task_id, h.lease_id))
+            session.settle()
             self._wake.set()
         elif isinstance(msg, protocol.Bye):
             session.draining = True
             session.bye = msg.reason
             log.info("agent %s leaving: %s", session.node_id, msg.reason)
-            reason = Reason.IDLE if msg.reason == "idle" else Reason.DRAINED
-            if reason is Reason.IDLE:
-                # It holds nothing and runs nothing more: whatever was sent its way
-                # while it decided to go comes back at once (not charged an attempt).
-                if session.provider == self.fleet.provider.name:
-                    self._retired.add(session.node_id)
+            reason = session.leave_reason()
+            if reason in (Reason.IDLE, Reason.SPOT_INTERRUPTION):
+                # It runs nothing more: whatever was sent its way while it decided
+                # to go comes back at once (not charged an attempt).
                 self._released.extend((tid, lid) for lid, tid in session.outstanding.items())
                 session.outstanding.clear()
+                session.settle()
                 self._wake.set()
-            await self.store.set_node_state(
-                session.node_id, NodeState.DRAINING, reason, time.time()
-            )
+            with contextlib.suppress(InvalidTransition):  # already draining
+                await self.store.set_node_state(
+                    session.node_id, NodeState.DRAINING, reason, time.time()
+                )
             if not session.outstanding:
                 await self._terminated(session)
         else:
@@ -666,7 +675,7 @@ class Coordinator:
             return []
         requests = []
         for agent in self.agents.values():
-            if agent.draining or agent.closed:
+            if agent.draining or agent.closed or not agent.ready:
                 continue
             free = agent.capacity - len(agent.outstanding) + finishing.get(agent.node_id, 0)
             if free > 0:
@@ -678,6 +687,7 @@ class Coordinator:
         self._dispatched += len(claimed)
         for c in claimed:
             agent.outstanding[c.lease_id] = c.task_id
+        agent.settle()
         return protocol.Assign(
             tasks=[
                 protocol.Assignment(
@@ -708,6 +718,7 @@ class Coordinator:
             ref = [i.lease_id for i in its if i.lease_id in refused]
             for lid in acc + ref:
                 session.outstanding.pop(lid, None)
+            session.settle()
             outbox.setdefault(session, []).append(protocol.Ack(accepted=acc, refused=ref))
             self._acked.set()
             if ref:
@@ -751,63 +762,56 @@ class Coordinator:
         changes = await self.store.requeue_node(node_id, reason, now)
         if node is not None:
             log.info("node %s lost (%s): %d tasks requeued", node_id, reason, len(changes.requeued))
+            self.fleet.node_down(node, reason)
         self._apply(changes)
 
     async def _terminated(self, session: AgentSession) -> None:
         """A node that said goodbye and holds no lease: record it as terminated."""
-        reason = Reason.IDLE if session.bye == "idle" else Reason.DRAINED
-        await self.store.set_node_state(session.node_id, NodeState.TERMINATED, reason, time.time())
+        reason = session.leave_reason()
+        node = await self.store.set_node_state(
+            session.node_id, NodeState.TERMINATED, reason, time.time()
+        )
+        if node is not None:
+            self.fleet.node_down(node, reason)
 
-    async def _fleet_loop(self) -> None:
-        """Keep the local agents as the fleet's policy asks; a dead one is replaced at once.
+    # --- the fleet's view (herder.fleet.AgentLink) -----------------------------------
 
-        A node whose process exited while its connection is still being read
-        is decided on a later pass, once its last frames (a goodbye?) are in.
-        """
-        exited: set[str] = set()
-        while True:
-            if not self.is_stopping:
-                try:
-                    exited.update(await self.fleet.reap())
-                    for node_id in sorted(exited):
-                        session = self.agents.get(node_id)
-                        if session is None or session.closed:
-                            exited.discard(node_id)
-                            await self._on_exited(node_id)
-                    await self.fleet.reconcile(
-                        paired=set(self.agents),
-                        leaving=self._retired
-                        | {n for n, a in self.agents.items() if a.bye is not None},
-                        ready_work=self._ready_for_local,
-                    )
-                except StoreError as exc:
-                    log.error("fleet pass postponed: %s", exc)
-                except ProviderError as exc:
-                    log.error("%s", exc)
-                    with contextlib.suppress(StoreError):
-                        await self.store.add_event(
-                            "provider_error", time.time(), data={"error": str(exc)}
-                        )
-            await asyncio.sleep(self.settings.timeouts.replace_check_s)
+    def loads(self) -> dict[str, NodeLoad]:
+        return {
+            node_id: NodeLoad(
+                slots=a.slots,
+                running=len(a.outstanding),
+                idle_since=a.idle_since,
+                ready=a.ready,
+                draining=a.draining,
+            )
+            for node_id, a in self.agents.items()
+            if not a.closed
+        }
 
-    async def _on_exited(self, node_id: str) -> None:
-        if node_id in self._retired:
-            self._retired.discard(node_id)
-            log.info("node %s retired (idle): not replaced", node_id)
-            return
-        log.warning("node %s exited", node_id)
+    async def ready_tasks(self, labels: dict[str, str], limit: int) -> int:
+        """Ready tasks a node with ``labels`` could run, counted up to ``limit``."""
+        if self._ready_hint <= 0:
+            return 0
+        keys = [k for k in self._known_ckeys if labels_match(k, labels)]
+        return await self.store.count_ready(keys, limit)
+
+    async def drain(self, node_id: str, reason: str, *, kill: bool) -> bool:
+        agent = self.agents.get(node_id)
+        if agent is None or agent.closed:
+            return False
+        agent.draining = True
+        agent.drain_reason = reason
+        await agent.send(protocol.Drain(leave=True, kill=kill))
+        return True
+
+    async def node_gone(self, node_id: str, reason: str) -> None:
+        log.warning("node %s gone: %s", node_id, reason)
         agent = self.agents.pop(node_id, None)
         if agent is not None:
             agent.closed = True
         self._orphan_deadline.pop(node_id, None)
-        await self.mark_lost(node_id, "process exited")
-
-    async def _ready_for_local(self, limit: int) -> int:
-        """Ready tasks a local agent (no labels) could run, counted up to ``limit``."""
-        if self._ready_hint <= 0:
-            return 0
-        keys = [k for k in self._known_ckeys if labels_match(k, {})]
-        return await self.store.count_ready(keys, limit)
+        await self.mark_lost(node_id, reason)
 
 
 def _task_result(i: protocol.ResultItem) -> TaskResult:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import WebSocket
 
 from herder import protocol
+from herder.model import NodeRecord, Reason
 
 log = logging.getLogger("herder.coordinator")
 
@@ -34,7 +35,26 @@ class AgentSession:
     closed: bool = False
     provider: str = "joined"
     bye: str | None = None  # the reason it gave when it said goodbye
+    ready: bool = False  # paired and through the herd's init_node: takes work
+    idle_since: float | None = None  # monotonic time it last held no lease
+    drain_reason: str | None = None  # why the fleet asked it to leave
+    record: NodeRecord | None = None  # as stored when it became ready (for callbacks)
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def settle(self) -> None:
+        """Note when the node became idle (call after ``outstanding`` changes)."""
+        if self.outstanding:
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = time.monotonic()
+
+    def leave_reason(self) -> str:
+        """The death reason of a node that said goodbye."""
+        if self.bye == "idle":
+            return Reason.IDLE
+        if self.bye == Reason.SPOT_INTERRUPTION:
+            return Reason.SPOT_INTERRUPTION
+        return self.drain_reason or Reason.DRAINED
 
     @property
     def capacity(self) -> int:

@@ -15,39 +15,38 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import sys
 from pathlib import Path
 
 import psutil
 
-from .base import NodeHandle, Provider
+from herder.errors import ProviderError
+
+from .base import LaunchSpec, NodeHandle, Provider, SpawnResult
 
 # An agent whose coordinator stays away this long exits (no orphans left behind).
 ORPHAN_AFTER_S = 120.0
 
 
 class LocalProvider(Provider):
+    """Agents as child processes; ``env`` is the environment they start from."""
+
     name = "local"
 
-    def __init__(
-        self,
-        *,
-        join: str,
-        slots: int,
-        home: Path,
-        env: dict[str, str],
-        idle_exit: float | None = None,
-    ) -> None:
-        self._join = join
-        self._slots = slots
-        self._idle_exit = idle_exit
-        self._home = home
-        self._env = env
+    def __init__(self, *, env: dict[str, str] | None = None) -> None:
+        self._env = dict(os.environ) if env is None else env
         self._pids: dict[str, int] = {}
         self._children: dict[int, asyncio.subprocess.Process] = {}
-        self._registry = home / "local-agents.json"
+
+    @property
+    def _registry(self) -> Path:
+        if self.home is None:
+            raise ProviderError("the local provider is used before attach()", provider=self.name)
+        return self.home / "local-agents.json"
+
+    def attach(self, *, cluster: str, home: Path) -> None:
+        super().attach(cluster=cluster, home=home)
         self._adopt()
 
     def _adopt(self) -> None:
@@ -65,17 +64,16 @@ class LocalProvider(Provider):
         tmp.write_text(json.dumps(self._pids))
         os.replace(tmp, self._registry)
 
-    async def spawn(self, count: int) -> list[NodeHandle]:
-        logs = self._home / "logs"
+    async def spawn(self, node_ids: list[str], launch: LaunchSpec) -> SpawnResult:
+        logs = self._registry.parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        handles = []
-        for _ in range(count):
-            node_id = f"local-{secrets.token_hex(4)}"
-            env = {**self._env, "HERDER_JOIN": self._join}
-            # Only the fleet's policy decides whether its agents retire: an
-            # inherited HERDER_IDLE_EXIT would have them leave and be replaced forever.
+        result = SpawnResult()
+        for node_id in node_ids:
+            env = {**self._env, "HERDER_JOIN": launch.join}
+            # Only the fleet's policy decides when its agents leave: an inherited
+            # HERDER_IDLE_EXIT would have them go and be replaced forever.
             env.pop("HERDER_IDLE_EXIT", None)
-            idle = [] if self._idle_exit is None else ["--idle-exit", str(self._idle_exit)]
+            labels = [arg for k, v in launch.labels.items() for arg in ("--label", f"{k}={v}")]
             log = await asyncio.to_thread(open, logs / f"{node_id}.log", "ab")
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -86,25 +84,30 @@ class LocalProvider(Provider):
                     "--node-id",
                     node_id,
                     "--slots",
-                    str(self._slots),
+                    str(launch.slots),
                     "--provider",
                     self.name,
                     "--orphan-after",
-                    str(ORPHAN_AFTER_S),
-                    *idle,
+                    str(min(launch.orphan_after_s, ORPHAN_AFTER_S)),
+                    *labels,
                     env=env,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
                 )
+            except OSError as exc:
+                result.failed[node_id] = f"could not start {sys.executable}: {exc}"
+                continue
             finally:
                 log.close()
             self._pids[node_id] = proc.pid
             self._children[proc.pid] = proc
-            handles.append(NodeHandle(node_id=node_id, provider=self.name, address=str(proc.pid)))
+            result.started.append(
+                NodeHandle(node_id=node_id, provider=self.name, address=f"pid {proc.pid}")
+            )
         self._save()
-        return handles
+        return result
 
     async def terminate(self, node_id: str, grace: float) -> None:
         pid = self._pids.pop(node_id, None)
@@ -137,7 +140,7 @@ class LocalProvider(Provider):
 
     async def list_own(self) -> list[NodeHandle]:
         return [
-            NodeHandle(node_id=n, provider=self.name, address=str(pid))
+            NodeHandle(node_id=n, provider=self.name, address=f"pid {pid}")
             for n, pid in self._pids.items()
             if self._running(pid)
         ]

@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from herder.errors import SubmissionError
+from herder.errors import InvalidTransition, SubmissionError
 from herder.model import (
     AttemptRecord,
     CommandSpec,
@@ -228,10 +228,40 @@ class Store(abc.ABC):
     async def upsert_node(self, node: NodeRecord) -> None: ...
 
     @abc.abstractmethod
+    async def add_nodes(self, nodes: list[NodeRecord]) -> None:
+        """Record nodes about to be asked of a provider (before the call)."""
+
+    @abc.abstractmethod
     async def set_node_state(
-        self, node_id: str, state: NodeState, reason: str | None, now: float
+        self,
+        node_id: str,
+        state: NodeState,
+        reason: str | None,
+        now: float,
+        *,
+        address: str | None = None,
     ) -> NodeRecord | None:
         """Move a node, recording an event; an illegal move raises InvalidTransition."""
+
+    @abc.abstractmethod
+    async def set_node_states(
+        self, moves: list[tuple[str, NodeState, str | None, str | None]], now: float
+    ) -> tuple[list[NodeRecord], list[InvalidTransition]]:
+        """Move many nodes in one transaction; illegal moves are returned, not made."""
+
+    @abc.abstractmethod
+    async def get_meta(self, key: str) -> str | None:
+        """A small setting kept with the store (the fleet's target, say)."""
+
+    @abc.abstractmethod
+    async def set_meta(self, key: str, value: str) -> None: ...
+
+    @abc.abstractmethod
+    async def latest_event_id(self) -> int: ...
+
+    @abc.abstractmethod
+    async def cluster_id(self) -> str:
+        """The herd's id, made once with the store."""
 
     @abc.abstractmethod
     async def nodes(self, *, alive_only: bool = False) -> list[NodeRecord]: ...

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# Columns added since an earlier version: ``migrate`` adds them to a store of
+# that version (additive only, so an upgrade never rewrites a table).
+ADDED_COLUMNS: dict[int, list[tuple[str, sa.Column[object]]]] = {}
 
 metadata = sa.MetaData()
 
@@ -46,6 +50,8 @@ tasks = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
+    sa.Column("service", sa.JSON),  # a service task: restarted when it exits, health-checked
+    sa.Column("restarts", sa.Integer, nullable=False, server_default="0"),
 )
 
 _ready = tasks.c.state == "ready"
@@ -115,6 +121,8 @@ nodes = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("last_seen", sa.Float),
     sa.Column("reason", sa.String(256)),
+    sa.Column("address", sa.String(256)),
+    sa.Column("deadline", sa.Float),
 )
 
 events = sa.Table(
@@ -129,6 +137,13 @@ events = sa.Table(
     sa.Column("data", sa.JSON, nullable=False),
 )
 sa.Index("ix_events_task", events.c.task_id)
+
+ADDED_COLUMNS[3] = [
+    ("tasks", sa.Column("service", sa.JSON)),
+    ("tasks", sa.Column("restarts", sa.Integer, nullable=False, server_default="0")),
+    ("nodes", sa.Column("address", sa.String(256))),
+    ("nodes", sa.Column("deadline", sa.Float)),
+]
 
 meta = sa.Table(
     "meta",

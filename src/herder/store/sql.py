@@ -11,6 +11,7 @@ Every mutating method is one transaction; a driver error becomes
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -22,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from herder.errors import SchemaMismatch, StoreError, SubmissionError
+from herder.errors import InvalidTransition, SchemaMismatch, StoreError, SubmissionError
 from herder.model import (
     FINAL_TASK_STATES,
     TASK_TRANSITIONS,
@@ -39,6 +40,7 @@ from herder.model import (
     check_node_transition,
     find_cycle,
     gc_paused,
+    new_id,
     sources,
     valid_id,
 )
@@ -53,6 +55,8 @@ from herder.store.base import (
     TaskResult,
 )
 from herder.store.statements import ACTIVE, HotStatements, state_is
+
+log = logging.getLogger("herder.store")
 
 T = TypeVar("T")
 _CHUNK = 2000  # bound on parameters in one IN (...) list
@@ -159,10 +163,66 @@ class SqlStore(Store):
                 schema.meta.insert().values(key="schema", value=str(schema.SCHEMA_VERSION))
             )
         elif int(row[0]) != schema.SCHEMA_VERSION:
+            self._upgrade(conn, int(row[0]))
+        if (
+            conn.execute(
+                sa.select(schema.meta.c.value).where(schema.meta.c.key == "cluster")
+            ).first()
+            is None
+        ):
+            conn.execute(schema.meta.insert().values(key="cluster", value=new_id("c")))
+
+    def _upgrade(self, conn: Connection, found: int) -> None:
+        """Bring an older store up to this version with additive changes only."""
+        if found > schema.SCHEMA_VERSION or found < min(schema.ADDED_COLUMNS) - 1:
             raise SchemaMismatch(
-                f"store {self.url} has schema {row[0]}, this herder understands "
-                f"{schema.SCHEMA_VERSION}"
+                f"store {self.url} has schema {found}, this herder understands "
+                f"{min(schema.ADDED_COLUMNS) - 1} to {schema.SCHEMA_VERSION}: "
+                + ("upgrade herder" if found > schema.SCHEMA_VERSION else "start a new store")
             )
+        for version in range(found + 1, schema.SCHEMA_VERSION + 1):
+            for table, column in schema.ADDED_COLUMNS.get(version, []):
+                ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+                conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {ddl}"))
+        conn.execute(
+            schema.meta.update()
+            .where(schema.meta.c.key == "schema")
+            .values(value=str(schema.SCHEMA_VERSION))
+        )
+        log.info("store %s upgraded from schema %d to %d", self.url, found, schema.SCHEMA_VERSION)
+
+    async def get_meta(self, key: str) -> str | None:
+        def _tx(conn: Connection) -> str | None:
+            q = sa.select(schema.meta.c.value).where(schema.meta.c.key == key)
+            value = conn.execute(q).scalar_one_or_none()
+            return None if value is None else str(value)
+
+        return await self._read(_tx)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        def _tx(conn: Connection) -> None:
+            res = conn.execute(
+                schema.meta.update().where(schema.meta.c.key == key).values(value=value)
+            )
+            if not res.rowcount:
+                conn.execute(schema.meta.insert().values(key=key, value=value))
+
+        await self._write(_tx)
+
+    async def latest_event_id(self) -> int:
+        def _tx(conn: Connection) -> int:
+            return int(conn.execute(sa.select(sa.func.max(_e.c.id))).scalar() or 0)
+
+        return await self._read(_tx)
+
+    async def cluster_id(self) -> str:
+        """This herd's id, made with the store: providers tag what they create with it."""
+
+        def _tx(conn: Connection) -> str:
+            q = sa.select(schema.meta.c.value).where(schema.meta.c.key == "cluster")
+            return str(conn.execute(q).scalar_one())
+
+        return await self._read(_tx)
 
     async def close(self) -> None:
         if self._async_engine is not None:
@@ -809,12 +869,13 @@ class SqlStore(Store):
         for tid, lid in leases:
             res = conn.execute(
                 _t.update()
-                .where(_t.c.id == tid, _t.c.lease_id == lid, _t.c.state == TaskState.LEASED.value)
+                .where(_t.c.id == tid, _t.c.lease_id == lid, state_is(*ACTIVE))
                 .values(
                     state=TaskState.READY.value,
                     node_id=None,
                     lease_id=None,
-                    attempt=_t.c.attempt - 1,
+                    started_at=None,
+                    attempt=_t.c.attempt - 1,  # handed back, not failed: not charged
                 )
             )
             if res.rowcount:
@@ -1129,36 +1190,85 @@ class SqlStore(Store):
 
         return await self._write(_tx)
 
-    async def set_node_state(
-        self, node_id: str, state: NodeState, reason: str | None, now: float
-    ) -> NodeRecord | None:
+    async def add_nodes(self, nodes: list[NodeRecord]) -> None:
+        """Record nodes a provider is about to be asked for (state ``requested``).
+
+        Written before the provider call, so a machine whose coordinator dies
+        mid-call is known by id when the next coordinator takes inventory.
+        """
+        if not nodes:
+            return
+
         def _tx(conn: Connection) -> Any:
-            row = (conn.execute(sa.select(_n).where(_n.c.id == node_id))).first()
-            if row is None:
-                return None
-            old = NodeState(row.state)
-            if old == state:
-                return _node_record(row)
-            check_node_transition(node_id, old, state)
-            values: dict[str, Any] = {"state": state.value, "last_seen": now}
-            if reason is not None or not state.is_alive:
-                values["reason"] = reason
-            conn.execute(_n.update().where(_n.c.id == node_id).values(**values))
+            conn.execute(_n.insert(), [n.model_dump(mode="json") for n in nodes])
             self._events(
                 conn,
-                now,
+                time.time(),
                 [
-                    (
-                        "node_" + state.value,
-                        None,
-                        node_id,
-                        None,
-                        {"reason": reason, "from": old.value},
-                    )
+                    ("node_" + n.state.value, None, n.id, None, {"provider": n.provider})
+                    for n in nodes
                 ],
             )
-            new = (conn.execute(sa.select(_n).where(_n.c.id == node_id))).first()
-            return _node_record(new) if new is not None else None
+
+        return await self._write(_tx)
+
+    async def set_node_state(
+        self,
+        node_id: str,
+        state: NodeState,
+        reason: str | None,
+        now: float,
+        *,
+        address: str | None = None,
+    ) -> NodeRecord | None:
+        moved, refused = await self.set_node_states([(node_id, state, reason, address)], now)
+        if refused:
+            raise refused[0]
+        return moved[0] if moved else None
+
+    async def set_node_states(
+        self, moves: list[tuple[str, NodeState, str | None, str | None]], now: float
+    ) -> tuple[list[NodeRecord], list[InvalidTransition]]:
+        """Move nodes ``(id, state, reason, address)`` in one transaction, one
+        event per move; an illegal move is left out and returned, unknown ids
+        are skipped."""
+
+        def _tx(conn: Connection) -> Any:
+            moved: list[NodeRecord] = []
+            refused: list[InvalidTransition] = []
+            events = []
+            for node_id, state, reason, address in moves:
+                row = conn.execute(sa.select(_n).where(_n.c.id == node_id)).first()
+                if row is None:
+                    continue
+                old = NodeState(row.state)
+                if state is NodeState.BOOTING and old not in (NodeState.REQUESTED,):
+                    state = old  # it paired before its provider call returned: address only
+                if old == state and address is None:
+                    moved.append(_node_record(row))
+                    continue
+                try:
+                    check_node_transition(node_id, old, state)
+                except InvalidTransition as exc:
+                    refused.append(exc)
+                    continue
+                values: dict[str, Any] = {"state": state.value, "last_seen": now}
+                if reason is not None or not state.is_alive:
+                    values["reason"] = None if reason is None else reason[:_TEXT]
+                if address is not None:
+                    values["address"] = address[:_TEXT]
+                if state not in (NodeState.REQUESTED, NodeState.BOOTING):
+                    values["deadline"] = None
+                conn.execute(_n.update().where(_n.c.id == node_id).values(**values))
+                if old != state:
+                    data: dict[str, Any] = {"reason": reason, "from": old.value}
+                    if address is not None:
+                        data["address"] = address
+                    events.append(("node_" + state.value, None, node_id, None, data))
+                new = conn.execute(sa.select(_n).where(_n.c.id == node_id)).first()
+                moved.append(_node_record(new))
+            self._events(conn, now, events)
+            return moved, refused
 
         return await self._write(_tx)
 
@@ -1323,4 +1433,6 @@ def _node_record(row: Any) -> NodeRecord:
         created_at=row.created_at,
         last_seen=row.last_seen,
         reason=row.reason,
+        address=row.address,
+        deadline=row.deadline,
     )
