@@ -19,6 +19,7 @@ from typing import Any
 from herder.herd import Herd
 from herder.model import EventRecord, NodeRecord
 from herder.providers.base import LaunchSpec, NodeHandle, Provider, SpawnResult
+from herder.providers.ec2 import EC2
 from herder.providers.local import LocalProvider
 
 
@@ -155,3 +156,20 @@ class PickyInit(Herd):
         if not self.rejected:
             self.rejected = True
             raise RuntimeError("this node is not fit")
+
+
+class OnEC2(Herd):
+    """Spot instances in moto's EC2 (their agents never run: nothing boots there)."""
+
+    provider = EC2(
+        ami=os.environ.get("HERDER_TEST_AMI", "ami-unset"),
+        region="us-west-1",
+        instance_type="c5.large",
+        spot_price=0.15,
+        endpoint_url=os.environ.get("HERDER_TEST_EC2_URL"),
+        install="true",
+    )
+    target = 2
+    max_nodes = 3
+    boot_timeout_s = float(os.environ.get("HERDER_TEST_BOOT_TIMEOUT", "3"))
+    inventory_s = 1.0

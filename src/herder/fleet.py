@@ -239,6 +239,12 @@ class Fleet:
             return_exceptions=True,
         )
         await self.provider.close()
+        name = self.provider.name
+        left = [n.id for n in await self.store.nodes(alive_only=True) if n.provider == name]
+        await self.store.set_node_states(
+            [(node_id, NodeState.TERMINATED, Reason.SHUTDOWN, None) for node_id in left],
+            time.time(),
+        )
 
     # --- the reconcile pass ---------------------------------------------------------
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import httpx
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
@@ -37,36 +36,12 @@ from herder.providers.ec2 import (
     failure_reason,
 )
 from tests.helpers import free_port, herder, kill_tree, wait_for
+from tests.moto import start_moto
 
 REGION = "us-west-1"
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 JOIN = f"{SECRET}@https://10.0.0.1:7420"
 VENV_BIN = Path(sys.executable).parent
-
-
-def _start_moto(port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **(extra_env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-    def up() -> bool:
-        assert proc.poll() is None, "moto_server exited"
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/moto-api/", timeout=1).status_code < 500
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 30, "moto_server to listen", every=0.1)
-    except BaseException:
-        kill_tree(proc.pid)
-        proc.wait(10)
-        raise
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +61,7 @@ def aws_env() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def moto_url(aws_env: None) -> Iterator[str]:
     port = free_port()
-    proc = _start_moto(port)
+    proc = start_moto(port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -272,7 +247,7 @@ async def test_bad_credentials_fail_the_call_with_a_classified_reason(
     make: Any, aws_env: None
 ) -> None:
     port = free_port()
-    strict = _start_moto(port, {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # checks keys for real
+    strict = start_moto(port, {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # checks keys for real
     try:
         session = boto3.Session(
             aws_access_key_id="AKIAWRONGWRONGWRONG1",
