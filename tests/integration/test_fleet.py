@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,3 +259,24 @@ def test_scale_drain_and_terminate_from_the_cli(run_herd: Any) -> None:
     missing = herder(env, "drain", "no-such-node", check=False)
     assert missing.returncode == 1
     assert "no-such-node" in missing.stderr
+
+
+def test_a_hung_node_is_lost_then_destroyed_through_its_provider_and_replaced(
+    run_herd: Any,
+) -> None:
+    """A frozen machine still costs money: losing it is not enough, it is ended."""
+    local = run_herd("KeepFour")
+    wait_for(lambda: len(serving(local)) == 4, 30, "4 ready nodes")
+    by_pid = {n["pid"]: i for i, n in nodes(local).items()}
+    pid = agent_pids(local.home)[0]
+    os.kill(pid, signal.SIGSTOP)  # hung: no heartbeat, no exit
+    try:
+        victim = by_pid[pid]
+        wait_for(lambda: nodes(local)[victim]["state"] == "lost", 10, "the hung node lost")
+        assert nodes(local)[victim]["reason"] == "lost heartbeat"
+        wait_for(lambda: not psutil.pid_exists(pid), 15, "the hung agent destroyed")
+        wait_for(lambda: len(serving(local)) == 4, 15, "a replacement")
+        destroyed = [json.loads(d) for n, d in events(local, "node_destroyed") if n == victim]
+        assert destroyed == [{"reason": "lost heartbeat"}]
+    finally:
+        kill_tree(pid)
