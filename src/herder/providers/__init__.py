@@ -10,16 +10,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["EC2", "Local"]
+__all__ = ["EC2", "SSH", "Local"]
 
 _WHERE = {
     "EC2": ("herder.providers.ec2", "EC2"),
+    "SSH": ("herder.providers.ssh", "SSH"),
     "Local": ("herder.providers.local", "LocalProvider"),
 }
 
 if TYPE_CHECKING:
     from herder.providers.ec2 import EC2
     from herder.providers.local import LocalProvider as Local
+    from herder.providers.ssh import SSH
 
 
 def __getattr__(name: str) -> Any:
