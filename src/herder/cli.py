@@ -74,6 +74,9 @@ def _setup_logging(
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=handlers)
+    # asyncssh logs every connection and command at INFO: the SSH provider's
+    # own lines say what matters.
+    logging.getLogger("asyncssh").setLevel(max(logging.WARNING, logging.root.level))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -523,6 +526,74 @@ def tasks(
     console.print(table)
 
 
+@app.command()
+def services(
+    home: HomeOpt = None,
+    ended: Annotated[bool, typer.Option("--ended", help="Also list cancelled services.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Services kept running: where, restarts, health as last checked, last exit."""
+    with _client(home) as herd:
+        try:
+            rows = herd.services(ended=ended)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "name", "state", "node", "restarts", "up", "health", "last exit")
+    now = time.time()
+    for s in rows:
+        table.add_row(
+            s["id"],
+            s["name"] or "",
+            _service_state(s, now),
+            s["node"] or "",
+            str(s["restarts"]),
+            _uptime(now, s["started_at"]),
+            _health_text(s["health"], now),
+            _exit_text(s["last_exit"]),
+        )
+    console.print(table)
+
+
+def _service_state(service: dict[str, Any], now: float) -> str:
+    """Its state, and when a service backing off after short runs starts again."""
+    state = str(service["state"])
+    restart_at = service["restart_at"]
+    if state in ("ready", "leased") and restart_at is not None and restart_at > now:
+        return f"{state} (starts in {restart_at - now:.0f}s)"
+    return state
+
+
+def _uptime(now: float, started_at: float | None) -> str:
+    if started_at is None:
+        return ""
+    seconds = max(0, int(now - started_at))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _health_text(health: dict[str, Any] | None, now: float) -> str:
+    if health is None:
+        return "-"
+    text = str(health["state"])
+    if health["checked_at"] is not None:
+        text += f" ({now - health['checked_at']:.0f}s ago)"
+    if health["failures"]:
+        text += f", {health['failures']} failed"
+    if health["error"]:
+        text += f": {health['error']}"
+    return text
+
+
+def _exit_text(last: dict[str, Any] | None) -> str:
+    if last is None:
+        return ""
+    code = f" {last['exit_code']}" if last["exit_code"] is not None else ""
+    return f"{last['reason']}{code} at {_when(last['at'])}"
+
+
 @app.command("task")
 def task_detail(
     task_id: str,
@@ -556,10 +627,11 @@ def task_detail(
         + (f" ({t['reason']})" if t["reason"] else ""),
         highlight=False,
     )
-    console.print(
-        f"job {t['job_id']}, kind {t['kind']}, "
-        f"attempt {t['attempt']}/{t['max_attempts']}, priority {t['priority']}"
-    )
+    if t.get("service") is not None:
+        runs = f"service, {t['restarts']} restarts"
+    else:
+        runs = f"attempt {t['attempt']}/{t['max_attempts']}"
+    console.print(f"job {t['job_id']}, kind {t['kind']}, {runs}, priority {t['priority']}")
     if t["command"]:
         console.print(f"run: {t['command']['run']!r}", highlight=False)
     if t["depends_on"]:

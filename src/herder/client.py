@@ -39,7 +39,7 @@ from herder.errors import (
     TaskLost,
     TaskTimeout,
 )
-from herder.model import CommandSpec, TaskRef, TaskSpec, new_id
+from herder.model import CommandSpec, ServiceSpec, TaskRef, TaskSpec, new_id
 
 if TYPE_CHECKING:
     from herder.dataclient import DataClient
@@ -343,13 +343,20 @@ class AsyncClient:
         name: str | None = None,
         job: str | None = None,
         run_on_failure: bool = False,
+        service: bool | ServiceSpec | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a node. Futures among the arguments are dependencies.
 
         The keyword names above are herder's options; pass a function keyword
-        of the same name through ``functools.partial``.
+        of the same name through ``functools.partial``. ``service`` is refused:
+        a call returns once, only a command can be kept running.
         """
+        if service:
+            raise SubmissionError(
+                "service: only a command task can be a service (a Python call returns a "
+                "value once); use herd.command([...], service=True)"
+            )
         deps: list[str] = []
         args = _swap_futures(args, deps)
         kwargs = _swap_futures(kwargs, deps)
@@ -381,8 +388,27 @@ class AsyncClient:
         depends_on: Iterable[TaskFuture | Future | str] = (),
         name: str | None = None,
         job: str | None = None,
+        service: bool | ServiceSpec = False,
+        health: Sequence[str] | str | None = None,
+        health_s: float | None = None,
+        health_timeout_s: float | None = None,
+        unhealthy_after: int | None = None,
+        grace_s: float | None = None,
     ) -> TaskFuture:
-        """Run a program (argv, no shell) or a ``sh -c`` string; the result is its output."""
+        """Run a program (argv, no shell) or a ``sh -c`` string; the result is its output.
+
+        ``service=True`` keeps it running instead: restarted whenever it exits
+        (``retries`` does not apply), on any node, until cancelled; its future
+        resolves only then. ``health`` (a command, or an http(s) URL) is checked
+        every ``health_s`` seconds, see :class:`~herder.model.ServiceSpec`.
+        """
+        checks = {
+            "health": health if health is None or isinstance(health, str) else list(health),
+            "health_s": health_s,
+            "health_timeout_s": health_timeout_s,
+            "unhealthy_after": unhealthy_after,
+            "grace_s": grace_s,
+        }
         spec = TaskSpec(
             id=new_id("t"),
             kind="command",
@@ -395,6 +421,7 @@ class AsyncClient:
             max_attempts=retries + 1,
             timeout_s=timeout,
             labels=dict(labels or {}),
+            service=_service_spec(service, {k: v for k, v in checks.items() if v is not None}),
         )
         return self._enqueue(self._job(job), None, spec)
 
@@ -633,6 +660,14 @@ class AsyncClient:
         result: list[dict[str, Any]] = await self._get("/v1/events", after=after, limit=limit)
         return result
 
+    async def services(self, *, ended: bool = False) -> list[dict[str, Any]]:
+        """The services kept running (``ended``: cancelled ones too): where each runs,
+        its restarts, its health as last checked, how its last run ended."""
+        result: list[dict[str, Any]] = await self._get(
+            "/v1/services", ended="true" if ended else None
+        )
+        return result
+
     async def shutdown(self) -> None:
         await self._post("/v1/shutdown", {})
 
@@ -647,6 +682,21 @@ def _json(response: httpx.Response) -> Any:
             raise SubmissionError(f"{detail}")
         raise HerderError(f"coordinator answered {response.status_code}: {detail}")
     return response.json()
+
+
+def _service_spec(service: bool | ServiceSpec | None, checks: dict[str, Any]) -> ServiceSpec | None:
+    """The service settings of ``command()``; health options without a service are refused."""
+    if isinstance(service, ServiceSpec):
+        if checks:
+            raise SubmissionError(
+                f"give {', '.join(checks)} inside the ServiceSpec, or service=True with them"
+            )
+        return service
+    if not service:
+        if checks:
+            raise SubmissionError(f"{', '.join(checks)}: only for a service (add service=True)")
+        return None
+    return ServiceSpec(**checks)
 
 
 def _payload_with(pickled_fn: bytes, item: Any) -> bytes:
@@ -845,6 +895,9 @@ class Client:
 
     def events(self, after: int = 0, limit: int = 100) -> builtins.list[dict[str, Any]]:
         return self._run(self._async.events(after, limit))
+
+    def services(self, *, ended: bool = False) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.services(ended=ended))
 
     def shutdown(self) -> None:
         self._run(self._async.shutdown())

@@ -143,6 +143,10 @@ class Reason(enum.StrEnum):
     PROCESS_EXITED = "process exited"
     ORPHAN = "orphan"
     SCALED_DOWN = "scaled down"
+    # why a service was restarted (besides the task reasons above)
+    UNHEALTHY = "unhealthy"
+    EXITED = "exited"
+    HANDED_BACK = "handed back"
 
 
 # ---------------------------------------------------------------------------
@@ -269,6 +273,84 @@ class CommandSpec(BaseModel):
         return ["sh", "-c", self.run] if isinstance(self.run, str) else list(self.run)
 
 
+# A service whose run lasted less than this is restarted after a delay that
+# doubles from the first to the cap; a run at least this long resets it.
+SERVICE_SHORT_RUN_S = 10.0
+SERVICE_FIRST_DELAY_S = 1.0
+SERVICE_MAX_DELAY_S = 60.0
+
+
+def restart_backoff(previous_s: float, ran_s: float) -> float:
+    """The delay before a service that ran ``ran_s`` seconds starts again.
+
+    ``previous_s`` is the delay applied before that run (0 for none). A
+    crash loop slows down to one start a minute; a service that stayed up
+    for :data:`SERVICE_SHORT_RUN_S` is restarted at once, and its next short
+    run starts the doubling again from :data:`SERVICE_FIRST_DELAY_S`.
+    """
+    if ran_s >= SERVICE_SHORT_RUN_S:
+        return 0.0
+    return min(SERVICE_MAX_DELAY_S, max(SERVICE_FIRST_DELAY_S, previous_s * 2))
+
+
+class ServiceSpec(BaseModel):
+    """A command that is kept running: restarted whenever it exits, until cancelled.
+
+    ``health`` is checked on the node every ``health_s`` seconds once
+    ``grace_s`` (default ``health_s``) has passed since the start: a command
+    (argv without a shell, or a string for ``sh -c``; exit 0 is healthy, run
+    in the task's scratch directory and environment, killed after
+    ``health_timeout_s``) or an ``http://`` / ``https://`` URL (a GET
+    answered 2xx within ``health_timeout_s`` is healthy). After
+    ``unhealthy_after`` failed checks in a row the service is killed and
+    restarted. Without ``health`` only its exit is watched.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    health: list[str] | str | None = None
+    health_s: float = Field(default=10.0, gt=0, le=86400)
+    health_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    unhealthy_after: int = Field(default=3, ge=1, le=1000)
+    grace_s: float | None = Field(default=None, ge=0, le=86400)
+
+    @field_validator("health")
+    @classmethod
+    def _health_not_empty(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if value is None:
+            return value
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("health must not be empty")
+            if "\0" in value:
+                raise ValueError("health must not contain a NUL character")
+            if value.startswith(("http:", "https:")) and not value.startswith(
+                ("http://", "https://")
+            ):
+                raise ValueError(f"health URL must start with http:// or https://, got {value!r}")
+        elif not value or not all(value) or not value[0].strip():
+            raise ValueError("health must be a non-empty list of non-empty strings")
+        return value
+
+    @property
+    def health_url(self) -> str | None:
+        """The URL to GET, when the check is one."""
+        if isinstance(self.health, str) and self.health.startswith(("http://", "https://")):
+            return self.health
+        return None
+
+    def health_argv(self) -> list[str] | None:
+        """The command to run, when the check is one."""
+        if self.health is None or self.health_url is not None:
+            return None
+        return ["sh", "-c", self.health] if isinstance(self.health, str) else list(self.health)
+
+    @property
+    def first_check_s(self) -> float:
+        """Seconds from the start to the first check."""
+        return self.health_s if self.grace_s is None else self.grace_s
+
+
 class TaskSpec(BaseModel):
     """One task as submitted. ``payload`` is opaque to the coordinator (never unpickled there).
 
@@ -290,6 +372,7 @@ class TaskSpec(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)
     labels: Labels = Field(default_factory=dict)
     run_on_failure: bool = False
+    service: ServiceSpec | None = None
 
     @model_validator(mode="after")
     def _kind_matches_body(self) -> TaskSpec:
@@ -297,6 +380,11 @@ class TaskSpec(BaseModel):
             raise ValueError("a call task needs a payload and no command")
         if self.kind == "command" and (self.command is None or self.payload is not None):
             raise ValueError("a command task needs a command and no payload")
+        if self.service is not None and self.kind != "command":
+            raise ValueError(
+                "service: only a command task can be a service (a Python call returns a "
+                "value once; run a program with a command task instead)"
+            )
         if self.id in self.depends_on:
             raise ValueError(f"task {self.id} depends on itself")
         if len(set(self.depends_on)) != len(self.depends_on):
@@ -375,6 +463,41 @@ class TaskRecord(BaseModel):
     command: CommandSpec | None = None
     error: dict[str, Any] | None = None
     output: dict[str, Any] | None = None
+    service: ServiceSpec | None = None
+    restarts: int = 0
+
+
+class ServiceExit(BaseModel):
+    """How a service's last run ended (kept with the service in the store)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: str
+    exit_code: int | None = None
+    at: float
+    ran_s: float | None = None
+
+
+class ServiceRecord(BaseModel):
+    """A service as the store knows it: where it runs, how often it was restarted.
+
+    ``started_at`` is the start of the current run; live health is not
+    stored (the coordinator adds it from the agents' heartbeats).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str | None
+    job_id: str
+    state: TaskState
+    node_id: str | None
+    lease_id: str | None
+    restarts: int
+    started_at: float | None
+    spec: ServiceSpec
+    last_exit: ServiceExit | None = None
+    restart_at: float | None = None  # the next run starts no earlier (crash-loop delay)
 
 
 class AttemptRecord(BaseModel):

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from herder.model import CommandSpec, TaskSpec
+from herder.model import CommandSpec, ServiceSpec, TaskSpec
 
 VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -71,11 +71,32 @@ class Proof(_Msg):
     mac: bytes
 
 
+HEALTH_ERROR_CHARS = 500
+HealthState = Literal["starting", "healthy", "unhealthy"]
+
+
+class HealthReport(_Msg):
+    """The health of one running service, as its agent last checked it.
+
+    ``state``: ``starting`` (no check yet), ``healthy`` (the last check
+    passed) or ``unhealthy`` (the last ``failures`` checks in a row failed;
+    at the service's ``unhealthy_after`` it is killed and restarted).
+    """
+
+    task_id: str
+    lease_id: str
+    state: HealthState
+    checked_at: float | None = None
+    error: str | None = Field(default=None, max_length=HEALTH_ERROR_CHARS)
+    failures: int = Field(default=0, ge=0)
+
+
 class Heartbeat(_Msg):
     t: Literal["hb"] = "hb"
     leases: list[str] = Field(default_factory=list)
     prefetch: int | None = Field(default=None, ge=0, le=100_000)
     telemetry: dict[str, float] | None = None  # cpu %, memory, disk, load (psutil)
+    health: list[HealthReport] | None = None  # the node's running services with a check
 
 
 class Started(_Msg):
@@ -172,6 +193,8 @@ class Assignment(_Msg):
     dep_results: dict[str, bytes] = Field(default_factory=dict)
     job_id: str = ""
     name: str | None = None  # with job_id, where a command's outputs go
+    service: ServiceSpec | None = None  # kept running: health-checked, restarted by the store
+    start_delay_s: float = Field(default=0.0, ge=0)  # wait this long in the slot, then start
 
 
 class Assign(_Msg):

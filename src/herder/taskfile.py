@@ -17,6 +17,24 @@ The same content may be written in TOML, JSON or YAML (chosen by the suffix:
     run_on_failure = false           # optional bool
     matrix = { sample = ["a", "b"] }  # optional: one task per combination
 
+A service is a command kept running (restarted whenever it exits, on any
+node, until cancelled)::
+
+    [[tasks]]
+    name = "web"
+    run = ["python", "-m", "http.server", "8000"]
+    service = true
+    health = "http://127.0.0.1:8000/"  # optional: a URL (2xx is healthy) or a command
+    health_s = 10                    # optional: seconds between checks, default 10
+    health_timeout_s = 5             # optional: a check's time limit, default 5
+    unhealthy_after = 3              # optional: failed checks in a row before a restart
+    grace_s = 30                     # optional: seconds before the first check (health_s)
+    replicas = 3                     # optional: web-0, web-1, web-2 (HERDER_REPLICA=0..2)
+
+The health fields and ``replicas`` are for services only, ``retries`` is
+not (a service is restarted without limit), and no task may depend on a
+service (it never finishes).
+
 In JSON and YAML the top level is ``{"job": ..., "tasks": [...]}`` or a bare
 list of tasks.
 
@@ -58,6 +76,7 @@ from herder.errors import TaskFileError
 from herder.model import (
     CommandSpec,
     FetchSpec,
+    ServiceSpec,
     TaskSpec,
     find_cycle,
     gc_paused,
@@ -99,7 +118,17 @@ TASK_FIELDS = (
     "fetch",
     "upload",
     "keep_scratch",
+    "service",
+    "health",
+    "health_s",
+    "health_timeout_s",
+    "unhealthy_after",
+    "grace_s",
+    "replicas",
 )
+# The settings of a service, as ServiceSpec names them; only with ``service = true``.
+SERVICE_FIELDS = ("health", "health_s", "health_timeout_s", "unhealthy_after", "grace_s")
+MAX_REPLICAS = 10_000
 # Names people reach for out of habit (other tools, herder's own TaskSpec).
 _ALIASES = {
     "deps": "depends_on",
@@ -123,6 +152,12 @@ _ALIASES = {
     "constraints": "labels",
     "inputs": "fetch",
     "outputs": "upload",
+    "healthcheck": "health",
+    "health_check": "health",
+    "liveness": "health",
+    "interval": "health_s",
+    "instances": "replicas",
+    "count": "replicas",
 }
 
 DEFAULT_RETRIES = 2
@@ -427,6 +462,8 @@ class _Entry:
     fetch: list[dict[str, str]] = dataclasses.field(default_factory=list)
     upload: list[str] = dataclasses.field(default_factory=list)
     keep_scratch: bool = False
+    service: dict[str, Any] | None = None  # ServiceSpec fields; None: not a service
+    replicas: int | None = None
 
 
 _Matrix = list[tuple[str, list[str]]]
@@ -438,11 +475,12 @@ def _read_entry(raw: object, index: int) -> list[_Entry]:
     try:
         entry, matrix = _read_fields(raw, index)
         if matrix is not None:
-            return _expand(entry, matrix)
+            return _replicate(_expand(entry, matrix))
         _check_name(entry.name)
         _check_run(entry.run)
         _check_io(entry)
-        return [entry]
+        _check_service(entry)
+        return _replicate([entry])
     except _Invalid as exc:
         if exc.task is None:
             exc.task = _usable_name(raw.get("name"))
@@ -484,7 +522,99 @@ def _read_fields(raw: dict[Any, Any], index: int) -> tuple[_Entry, _Matrix | Non
         upload=_upload(raw.get("upload")),
         keep_scratch=bool(keep_scratch),
     )
+    _read_service(raw, entry)
     return entry, _matrix(raw.get("matrix"))
+
+
+def _read_service(raw: dict[Any, Any], entry: _Entry) -> None:
+    """``service`` and its settings, checked for type; refused on an ordinary task."""
+    service = raw.get("service")
+    if service is not None and not isinstance(service, bool):
+        raise _Invalid("service", f"must be true or false, got {_describe(service)}")
+    if not service:
+        for key in (*SERVICE_FIELDS, "replicas"):
+            if key in raw:
+                what = "runs copies of a service" if key == "replicas" else "checks a service"
+                raise _Invalid(key, f"{what}: only for a task with service = true")
+        return
+    if "retries" in raw:
+        raise _Invalid(
+            "retries", "a service is restarted whenever it exits, without limit: drop retries"
+        )
+    settings: dict[str, Any] = {}
+    if "health" in raw:
+        settings["health"] = _health(raw["health"])
+    for key in ("health_s", "health_timeout_s", "grace_s"):
+        if key in raw:
+            settings[key] = _seconds(raw[key], key, allow_zero=key == "grace_s")
+    if "unhealthy_after" in raw:
+        settings["unhealthy_after"] = _int(raw["unhealthy_after"], "unhealthy_after", 3, 1, 1000)
+    entry.service = settings
+    if "replicas" in raw:
+        entry.replicas = _int(raw["replicas"], "replicas", 1, 1, MAX_REPLICAS)
+
+
+def _health(value: object) -> list[str] | str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise _Invalid(f"health[{i}]", f"must be a string, got {_describe(item)}")
+        return list(value)
+    raise _Invalid(
+        "health",
+        "must be a URL (http:// or https://), a command as a list of strings or a string "
+        f"run by sh -c, got {_describe(value)}",
+    )
+
+
+def _seconds(value: object, field: str, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(field, f"must be a number of seconds, got {_describe(value)}")
+    if not math.isfinite(value):
+        raise _Invalid(field, f"must be a finite number of seconds, got {value}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "at least 0" if allow_zero else "greater than 0"
+        raise _Invalid(field, f"must be {bound}, got {value}")
+    return float(value)
+
+
+def _check_service(entry: _Entry) -> None:
+    """The service settings as ServiceSpec takes them (after matrix substitution)."""
+    if entry.service is None:
+        return
+    try:
+        ServiceSpec.model_validate(entry.service)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "service"
+        raise _Invalid(field, _pydantic_reason(exc)) from None
+
+
+def _replicate(entries: list[_Entry]) -> list[_Entry]:
+    """``replicas = N``: N copies of each service, named ``<name>-0`` ... ``<name>-<N-1>``.
+
+    Each copy is told which it is in ``HERDER_REPLICA``, so copies on one
+    machine can, say, listen on different ports.
+    """
+    out: list[_Entry] = []
+    for entry in entries:
+        if entry.replicas is None:
+            out.append(entry)
+            continue
+        for i in range(entry.replicas):
+            copy = dataclasses.replace(
+                entry, name=f"{entry.name}-{i}", env={**entry.env, "HERDER_REPLICA": str(i)}
+            )
+            try:
+                _check_name(copy.name)
+            except _Invalid as exc:
+                exc.field, exc.task = "replicas", _usable_name(entry.name)
+                exc.what = f"{exc.what} (the name of replica {i})"
+                raise
+            out.append(copy)
+    return out
 
 
 def _expand(template: _Entry, matrix: _Matrix) -> list[_Entry]:
@@ -505,11 +635,13 @@ def _expand(template: _Entry, matrix: _Matrix) -> list[_Entry]:
             depends_on=[_fill(dep, values) for dep in template.depends_on],
             fetch=[{k: _fill(v, values) for k, v in f.items()} for f in template.fetch],
             upload=[_fill(pattern, values) for pattern in template.upload],
+            service=_fill_service(template.service, values),
         )
         try:
             _check_name(entry.name)
             _check_run(entry.run)
             _check_io(entry)
+            _check_service(entry)
         except _Invalid as exc:
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
             exc.what = f"{exc.what} (matrix {shown})"
@@ -519,8 +651,25 @@ def _expand(template: _Entry, matrix: _Matrix) -> list[_Entry]:
     return out
 
 
+def _fill_service(service: dict[str, Any] | None, values: dict[str, str]) -> dict[str, Any] | None:
+    """A service's settings with ``{key}`` filled in its health check."""
+    if service is None or "health" not in service:
+        return service
+    health = service["health"]
+    filled = (
+        _fill(health, values) if isinstance(health, str) else [_fill(h, values) for h in health]
+    )
+    return {**service, "health": filled}
+
+
 def _check_placeholders(template: _Entry, keys: list[str]) -> None:
     run = [template.run] if isinstance(template.run, str) else template.run
+    health = (template.service or {}).get("health")
+    checks = (
+        [("health", health)]
+        if isinstance(health, str)
+        else [(f"health[{i}]", h) for i, h in enumerate(health or [])]
+    )
     fields = [
         ("name", template.name),
         *(("run" if isinstance(template.run, str) else f"run[{i}]", t) for i, t in enumerate(run)),
@@ -529,6 +678,7 @@ def _check_placeholders(template: _Entry, keys: list[str]) -> None:
         *((f"depends_on[{i}]", dep) for i, dep in enumerate(template.depends_on)),
         *((f"fetch[{i}].{k}", v) for i, f in enumerate(template.fetch) for k, v in f.items()),
         *((f"upload[{i}]", pattern) for i, pattern in enumerate(template.upload)),
+        *checks,
     ]
     for field, text in fields:
         for found in _PLACEHOLDER_RE.finditer(text):
@@ -784,7 +934,7 @@ def _link(entries: list[_Entry], source: str, job_id: str | None) -> list[TaskSp
     for pos, entry in enumerate(entries):
         found: dict[int, None] = {}  # ordered and deduplicated
         if any("from" in raw for raw in entry.fetch):
-            entry.fetch = _link_inputs(entry, pos, positions, names, globs, found, source)
+            entry.fetch = _link_inputs(entries, pos, positions, names, globs, found, source)
         for i, dep in enumerate(entry.depends_on):
             if _GLOB_CHARS.isdisjoint(dep):
                 target = positions.get(dep)
@@ -792,6 +942,8 @@ def _link(entries: list[_Entry], source: str, job_id: str | None) -> list[TaskSp
                     what = f"no task is named {dep!r}{_suggest_name(dep, names)}"
                 elif target == pos:
                     what = "a task cannot depend on itself"
+                elif entries[target].service is not None:
+                    what = _ON_SERVICE.format(dep)
                 else:
                     found[target] = None
                     continue
@@ -802,6 +954,12 @@ def _link(entries: list[_Entry], source: str, job_id: str | None) -> list[TaskSp
                 matched = globs[dep] = [p for p, name in enumerate(names) if match(name)]
             if not matched or matched == [pos]:
                 what = f"the pattern {dep!r} matches no other task"
+                raise _task_error(source, entry.name, entry.index, f"depends_on[{i}]", what)
+            service = next(
+                (t for t in matched if t != pos and entries[t].service is not None), None
+            )
+            if service is not None:
+                what = f"the pattern {dep!r} matches " + _ON_SERVICE.format(names[service])
                 raise _task_error(source, entry.name, entry.index, f"depends_on[{i}]", what)
             for target in matched:
                 if target != pos:
@@ -818,8 +976,11 @@ def _link(entries: list[_Entry], source: str, job_id: str | None) -> list[TaskSp
     return [_spec(entries[pos], ids[pos], [ids[d] for d in deps[pos]]) for pos in order]
 
 
+_ON_SERVICE = "{!r}, a service: it never finishes, so no task can wait for it"
+
+
 def _link_inputs(
-    entry: _Entry,
+    entries: list[_Entry],
     pos: int,
     positions: dict[str, int],
     names: list[str],
@@ -832,6 +993,7 @@ def _link_inputs(
     ``{from = "align-*", path = "out.bam"}`` becomes one input per matching
     task, landing in ``<dest or .>/<task>/out.bam``: a fan-in is one line.
     """
+    entry = entries[pos]
     out: list[dict[str, str]] = []
     for i, raw in enumerate(entry.fetch):
         producer = raw.get("from")
@@ -840,12 +1002,13 @@ def _link_inputs(
             continue
         if _GLOB_CHARS.isdisjoint(producer):
             target = positions.get(producer)
-            if target is None or target == pos:
-                what = (
-                    "a task cannot fetch its own outputs"
-                    if target == pos
-                    else f"no task is named {producer!r}{_suggest_name(producer, names)}"
-                )
+            if target is None or target == pos or entries[target].service is not None:
+                if target == pos:
+                    what = "a task cannot fetch its own outputs"
+                elif target is not None:
+                    what = _ON_SERVICE.format(producer)
+                else:
+                    what = f"no task is named {producer!r}{_suggest_name(producer, names)}"
                 raise _task_error(source, entry.name, entry.index, f"fetch[{i}].from", what)
             found[target] = None  # fetching a task's output depends on that task
             out.append(raw)
@@ -857,6 +1020,10 @@ def _link_inputs(
         matched = [p for p in matched if p != pos]
         if not matched:
             what = f"the pattern {producer!r} matches no other task"
+            raise _task_error(source, entry.name, entry.index, f"fetch[{i}].from", what)
+        service = next((t for t in matched if entries[t].service is not None), None)
+        if service is not None:
+            what = f"the pattern {producer!r} matches " + _ON_SERVICE.format(names[service])
             raise _task_error(source, entry.name, entry.index, f"fetch[{i}].from", what)
         folder = raw["dest"].rstrip("/") + "/" if raw.get("dest") else ""
         for target in matched:
@@ -924,4 +1091,5 @@ def _spec(entry: _Entry, task_id: str, depends_on: list[str]) -> TaskSpec:
         timeout_s=entry.timeout_s,
         labels=entry.labels,
         run_on_failure=entry.run_on_failure,
+        service=None if entry.service is None else ServiceSpec.model_validate(entry.service),
     )

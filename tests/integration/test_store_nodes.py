@@ -86,17 +86,21 @@ async def test_nodes_move_in_batches_and_keep_address_deadline_and_death_reason(
 async def _downgrade_to_v2(url: str) -> None:
     """Make the store look as version 2 left it: no fleet or service columns."""
     engine = create_async_engine(async_url(url))
-    async with engine.begin() as conn:
-        for table, column in schema.ADDED_COLUMNS[3]:
-            await conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column.name}"))
-        await conn.execute(sa.text("UPDATE meta SET value = '2' WHERE key = 'schema'"))
-        await conn.execute(
-            sa.text(
-                "INSERT INTO nodes (id, name, state, provider, labels, slots, created_at) "
-                "VALUES ('old', 'old', 'terminated', 'local', '{}', 1, 1.0)"
+    try:
+        async with engine.begin() as conn:
+            for index in schema.ADDED_INDEXES:  # made by later versions
+                await conn.execute(sa.text(f"DROP INDEX IF EXISTS {index.name}"))
+            for table, column in schema.ADDED_COLUMNS[3]:
+                await conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column.name}"))
+            await conn.execute(sa.text("UPDATE meta SET value = '2' WHERE key = 'schema'"))
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO nodes (id, name, state, provider, labels, slots, created_at) "
+                    "VALUES ('old', 'old', 'terminated', 'local', '{}', 1, 1.0)"
+                )
             )
-        )
-    await engine.dispose()
+    finally:
+        await engine.dispose()
 
 
 async def test_a_version_2_store_is_upgraded_in_place_and_a_newer_one_refused(

@@ -14,6 +14,14 @@ also leaves by itself once it has held no work for that long: it says goodbye
 with reason ``idle`` (holding nothing, and running nothing assigned after) and
 exits 0.
 
+A service (an assignment with ``service`` settings) is a command kept
+running: the agent waits its ``start_delay_s`` in the slot (a crash loop's
+back-off), runs it, checks its health (see :mod:`herder.agent.health`) and
+kills it after too many failed checks; however a run ends, the result goes
+to the coordinator, which restarts it. A service never finishes, so an agent
+that leaves (drained, stopped) does not wait for it: it stops its services
+at once and hands their leases back, and they start again on another node.
+
 On a cloud machine the agent also looks after the machine. With
 ``metadata_url`` it watches for a spot interruption notice (see
 :mod:`herder.agent.spot`); when one comes it takes nothing more, kills its
@@ -50,7 +58,9 @@ from herder.errors import AuthenticationError, PinningError, SecurityError
 from herder.model import Reason
 
 from . import telemetry
-from .runner import Slot
+from .health import Health, HealthCheck, watch
+from .phases import attempt_dir
+from .runner import Slot, task_environment
 from .spot import SpotNotice, SpotWatcher
 
 log = logging.getLogger("herder.agent")
@@ -131,6 +141,7 @@ class Agent:
         self._interrupted: set[str] = set()  # lease ids killed for it: no result is sent
         self._to_release: list[protocol.HeldLease] = []  # killed for it, to hand back
         self._patient = False  # leaving for a drain: running tasks end on their own
+        self._health: dict[str, tuple[protocol.Assignment, Health]] = {}  # running services
 
     def _prefetch(self) -> int:
         """How many tasks to hold queued beyond the slots.
@@ -342,6 +353,7 @@ class Agent:
 
     async def _stop_when_asked(self, ws: ClientConnection) -> None:
         await self._stopping.wait()
+        await self._stop_services()
         await self._hand_back()
         with contextlib.suppress(TimeoutError):
             grace = None if self._patient else self.config.grace_s
@@ -397,6 +409,7 @@ class Agent:
             self._queue.extend(msg.tasks)
             self._queue_event.set()
             self._last_active = time.monotonic()
+            self._release_if_blocked()
         elif isinstance(msg, protocol.Ack):
             for lid in (*msg.accepted, *msg.refused):
                 self._unacked.pop(lid, None)
@@ -426,10 +439,12 @@ class Agent:
     async def _heartbeat_loop(self, ws: ClientConnection) -> None:
         while True:
             leases = [*self._running, *(a.lease_id for a in self._queue)]
+            health = [h.report(a.task_id, a.lease_id) for a, h in self._health.values()]
             beat = protocol.Heartbeat(
                 leases=leases,
                 prefetch=self._prefetch(),
                 telemetry=telemetry.sample(self._task_context["scratch_root"]),
+                health=health or None,
             )
             await ws.send(protocol.encode(beat))
             await asyncio.sleep(self._heartbeat_s)
@@ -499,6 +514,38 @@ class Agent:
         await self._hand_back()
         self.stop()
 
+    async def _stop_services(self) -> None:
+        """Leaving: kill the running services and hand their leases back at once.
+
+        A service never ends on its own, so waiting for it (as for an ordinary
+        task) would hold the node forever; handed back, it starts again on
+        another node now rather than when a lease expires. Not charged: the
+        coordinator counts a restart.
+        """
+        services = [(a, task) for a, task in self._running.values() if a.service is not None]
+        if not services:
+            return
+        log.info(
+            "leaving: stopping %d services to hand them back",
+            len(services),
+            extra={"action": "services_handed_back", "node_id": self.config.node_id},
+        )
+        leases = {a.lease_id for a, _ in services}
+        self._interrupted.update(leases)
+        self._to_release.extend(
+            protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id) for a, _ in services
+        )
+        for _, task in services:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wait_gone(leases), INTERRUPT_KILL_WAIT_S)
+
+    async def _wait_gone(self, leases: set[str]) -> None:
+        """Until none of ``leases`` holds a slot (their processes are dead)."""
+        while leases & self._running.keys():
+            self._changed.clear()
+            await self._changed.wait()
+
     async def _shut_down_machine(self) -> int:
         """Run ``shutdown_command`` (orphaned, ``orphan_action="shutdown"``); the exit code."""
         command = self.config.shutdown_command
@@ -536,6 +583,8 @@ class Agent:
             assignment = self._queue.popleft()
             task = asyncio.create_task(self._execute(slot, assignment))
             self._running[assignment.lease_id] = (assignment, task)
+            if assignment.service is not None:
+                self._release_if_blocked()
             try:
                 await asyncio.wait({task})
             finally:
@@ -546,16 +595,20 @@ class Agent:
 
     async def _execute(self, slot: Slot, a: protocol.Assignment) -> None:
         loop = asyncio.get_running_loop()
-        handle = loop.call_later(STARTED_REPORT_DELAY_S, self._report_started, a)
+        handle: asyncio.TimerHandle | None = None
         try:
-            out = await slot.run(a)
+            if a.start_delay_s > 0:  # a restarted service's back-off: not started yet
+                await asyncio.sleep(a.start_delay_s)
+            handle = loop.call_later(STARTED_REPORT_DELAY_S, self._report_started, a)
+            out = await (self._run_service(slot, a) if a.service is not None else slot.run(a))
         except asyncio.CancelledError:
             if a.lease_id in self._interrupted:
                 self._interrupted.discard(a.lease_id)
-                return  # killed for a spot interruption: the lease is handed back, no result
+                return  # killed to be handed back (interruption, leaving): no result
             out = {"state": "cancelled", "reason": "cancelled"}
         finally:
-            handle.cancel()
+            if handle is not None:
+                handle.cancel()
         item = protocol.ResultItem(
             task_id=a.task_id,
             lease_id=a.lease_id,
@@ -571,6 +624,89 @@ class Agent:
         self._unacked[a.lease_id] = item
         self._out_results.append(item)
         self._schedule_flush()
+
+    async def _run_service(self, slot: Slot, a: protocol.Assignment) -> dict[str, Any]:
+        """Run a service in ``slot`` while checking its health; the outcome map.
+
+        After too many failed checks in a row the run is killed (as a cancel
+        kills a task) and the outcome says ``unhealthy``.
+        """
+        assert a.service is not None
+        if a.service.health is None:
+            return await slot.run(a)
+        started = time.time()
+        health = Health()
+        run = asyncio.ensure_future(slot.run(a))
+        checks = asyncio.ensure_future(watch(self._health_check(a), health))
+        self._health[a.lease_id] = (a, health)
+        try:
+            await asyncio.wait({run, checks}, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
+                checks.cancel()
+                await asyncio.wait({checks})
+                return run.result()
+            run.cancel()  # unhealthy (or the checks broke): kill the service
+            await asyncio.wait({run})
+        except asyncio.CancelledError:  # cancelled or handed back: the run dies first
+            run.cancel()
+            checks.cancel()
+            await asyncio.wait({run, checks})
+            raise
+        finally:
+            self._health.pop(a.lease_id, None)
+        checks.result()  # a fault in the checks themselves is the agent's, not the task's
+        if not run.cancelled():
+            return run.result()  # it ended by itself meanwhile
+        log.warning(
+            "service %s unhealthy after %d failed checks: killed (%s)",
+            a.task_id,
+            health.failures,
+            health.error,
+            extra={"action": "service_unhealthy", "task_id": a.task_id, "lease_id": a.lease_id},
+        )
+        return {
+            "state": "failed",
+            "reason": Reason.UNHEALTHY.value,
+            "error": {
+                "type": "Unhealthy",
+                "message": f"{health.failures} health checks failed in a row: {health.error}",
+            },
+            "started_at": started,
+            "ended_at": time.time(),
+        }
+
+    def _health_check(self, a: protocol.Assignment) -> HealthCheck:
+        """The check of service ``a``, run where and as its command runs."""
+        assert a.service is not None
+        assert a.command is not None
+        root = Path(self._task_context["scratch_root"])
+        work = attempt_dir(root, a.task_id, a.attempt) / "work"
+        env = {
+            **task_environment(),
+            **a.command.env,
+            "HERDER_TASK_ID": a.task_id,
+            "HERDER_JOB": a.job_id,
+        }
+        cwd = work / a.command.cwd if a.command.cwd else work
+        return HealthCheck(a.service, cwd=cwd, env=env)
+
+    def _release_if_blocked(self) -> None:
+        """Hand back the queue when services hold every slot.
+
+        A service never ends, so what waits behind it here would wait forever;
+        handed back, it runs on a node with room. The coordinator gives this
+        node nothing more while its services fill its slots, so nothing
+        comes straight back.
+        """
+        held = sum(1 for a, _ in self._running.values() if a.service is not None)
+        if held >= self.config.slots and self._queue:
+            log.info(
+                "services hold all %d slots: handing back %d queued tasks",
+                self.config.slots,
+                len(self._queue),
+                extra={"action": "queue_handed_back", "node_id": self.config.node_id},
+            )
+            self._background(self._hand_back())
 
     def _report_started(self, a: protocol.Assignment) -> None:
         if a.lease_id in self._running:

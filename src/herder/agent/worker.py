@@ -4,11 +4,17 @@ Started as ``python -m herder.agent.worker FD`` with a socket on file
 descriptor FD; frames are a 4-byte big-endian length and a msgpack map.
 Only what a task needs is imported here, so a worker starts fast. The
 worker leads its own process group: a timeout or cancel kills the group,
-taking any command the task started with it.
+taking any command the task started with it. If the agent itself dies
+(kill -9), the worker kills what it runs and exits: nobody would collect the
+result, and a service would otherwise run on beside its restarted copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import signal
 import socket
 import struct
 import sys
@@ -16,7 +22,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import cloudpickle
 import msgpack
@@ -76,6 +82,45 @@ def run_call(payload: bytes, dep_results: dict[str, bytes]) -> dict[str, Any]:
         return {"state": "failed", "reason": "error", "error": _error(exc), "error_pickle": pickled}
 
 
+class _AgentWatch:
+    """Ends the worker, and the command it runs, once the agent is gone.
+
+    The agent writes to the worker only between tasks, and a dead agent's
+    end of the socket is closed by the kernel: a thread that sees end of
+    file (by peeking, so it never takes a frame from the main thread)
+    kills the running command's process group, then the worker's own.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.command_group: int | None = None
+        threading.Thread(target=self._loop, name="herder-agent-watch", daemon=True).start()
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN | select.POLLHUP)
+        while True:
+            if not poller.poll(1000):
+                continue
+            try:
+                if self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    self._end()
+            except BlockingIOError:
+                pass  # the main thread took the frame first
+            except OSError:
+                self._end()  # the socket broke: the agent is gone all the same
+            # A frame for the main thread: look again in a while, so that a
+            # stream of small tasks wakes this thread at most 5 times a second.
+            time.sleep(0.2)
+
+    def _end(self) -> NoReturn:
+        for group in (self.command_group, os.getpid()):
+            if group is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+        os._exit(1)  # not reached when the worker leads its group (it is killed above)
+
+
 class _Commands:
     """Runs command tasks; imported and built on the first one (call-only workers start faster).
 
@@ -83,8 +128,9 @@ class _Commands:
     connection is reused.
     """
 
-    def __init__(self, wfile: BinaryIO) -> None:
+    def __init__(self, wfile: BinaryIO, watch: _AgentWatch) -> None:
         self._wfile = wfile
+        self._watch = watch
         self._write_lock = threading.Lock()  # the tailing thread writes frames too
         self._data: Any = None
         self._data_key: tuple[str, str] | None = None
@@ -101,12 +147,19 @@ class _Commands:
             scratch_root=Path(frame["scratch_root"]),
             data=self._client(frame.get("data")),
             timeout_s=frame.get("timeout_s"),
-            on_spawn=lambda pgid: self._send({"event": "spawned", "pgid": pgid}),
+            on_spawn=self._spawned,
             on_output=lambda stream, data: self._send(
                 {"event": "output", "stream": stream, "data": data}
             ),
         )
-        return run_command_task(CommandSpec.model_validate(frame["command"]), ctx)
+        try:
+            return run_command_task(CommandSpec.model_validate(frame["command"]), ctx)
+        finally:
+            self._watch.command_group = None
+
+    def _spawned(self, pgid: int) -> None:
+        self._watch.command_group = pgid
+        self._send({"event": "spawned", "pgid": pgid})
 
     def _send(self, frame: dict[str, Any]) -> None:
         with self._write_lock:
@@ -130,7 +183,7 @@ def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     rfile = sock.makefile("rb")
     wfile = sock.makefile("wb")
-    commands = _Commands(wfile)
+    commands = _Commands(wfile, _AgentWatch(sock))
     while True:
         frame = _read_frame(rfile)
         if frame is None:

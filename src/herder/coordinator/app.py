@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from herder import protocol, security
 from herder.errors import StoreError, SubmissionError, TaskFileError
-from herder.model import ID_PATTERN, TaskState, gc_paused
+from herder.model import ID_PATTERN, ServiceRecord, TaskState, gc_paused
 from herder.taskfile import MAX_JOB_ID_LENGTH, TaskFileFormat, parse_tasks
 
 from .data_routes import data_router
@@ -190,6 +190,11 @@ def create_app(coord: Coordinator) -> FastAPI:
             out.append(d)
         return out
 
+    @app.get("/v1/services", dependencies=auth)
+    async def list_services(ended: bool = False) -> list[dict[str, Any]]:
+        """Services kept running (``ended``: cancelled ones too), with live health."""
+        return [_service_json(r, h) for r, h in await coord.services(ended=ended)]
+
     @app.get("/v1/events", dependencies=auth)
     async def list_events(
         after: int = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
@@ -245,6 +250,29 @@ def create_app(coord: Coordinator) -> FastAPI:
             coord.unwatch(client, list(client.watched))
 
     return app
+
+
+def _service_json(record: ServiceRecord, health: protocol.HealthReport | None) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "job": record.job_id,
+        "state": record.state.value,
+        "node": record.node_id,
+        "restarts": record.restarts,
+        "started_at": record.started_at,
+        "health": None
+        if health is None
+        else {
+            "state": health.state,
+            "checked_at": health.checked_at,
+            "error": health.error,
+            "failures": health.failures,
+        },
+        "last_exit": None if record.last_exit is None else record.last_exit.model_dump(),
+        "restart_at": record.restart_at,
+        "check": record.spec.model_dump(exclude_defaults=True),
+    }
 
 
 def _job_json(job: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from herder.model import (
     NodeRecord,
     NodeState,
     Reason,
+    ServiceRecord,
     TaskSpec,
     TaskState,
     labels_match,
@@ -98,6 +99,9 @@ class Coordinator:
         self._submissions: list[tuple[Submission, asyncio.Future[None]]] = []
         self._released: list[tuple[str, str]] = []
         self.live = LiveOutput()
+        # task id -> the last health its agent reported (a cache: runs are
+        # short-lived facts, the store keeps restarts and history)
+        self._health: dict[str, protocol.HealthReport] = {}
         self._stopping = asyncio.Event()
         self._acked = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -227,8 +231,14 @@ class Coordinator:
                 await agent.send(protocol.Drain())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wait_drained(), self.settings.timeouts.shutdown_grace_s)
-        left = sum(len(a.outstanding) for a in self.agents.values())
-        log.info("shutdown 3/5: %d leases still out after the grace period", left)
+        left = sum(a.finishing() for a in self.agents.values())
+        services = sum(len(a.outstanding) for a in self.agents.values()) - left
+        log.info(
+            "shutdown 3/5: %d leases still out after the grace period (and %d services, "
+            "which run on where their node stays and are adopted again)",
+            left,
+            services,
+        )
         await self.fleet.stop_all()
         log.info("shutdown 4/5: the herd's nodes terminated")
         for task in loops:
@@ -244,7 +254,8 @@ class Coordinator:
         log.info("shutdown 5/5: connections closed")
 
     async def _wait_drained(self) -> None:
-        while any(a.outstanding for a in self.agents.values()):
+        """Until the agents hold no lease but their services' (which never end)."""
+        while any(a.finishing() for a in self.agents.values()):
             self._acked.clear()
             await self._acked.wait()
 
@@ -337,6 +348,10 @@ class Coordinator:
             self.live.drop(f.task_id for f in changes.finals)
         if changes.requeued:
             self.live.drop(changes.requeued)
+            for tid in changes.requeued:
+                self._health.pop(tid, None)
+        for f in changes.finals:
+            self._health.pop(f.task_id, None)
 
     def _notify(self, finals: list[Final]) -> None:
         by_client: dict[ClientSession, list[protocol.Outcome]] = {}
@@ -540,6 +555,9 @@ class Coordinator:
                 await session.send(protocol.Cancel(leases=stale))
             if msg.telemetry and session.record is not None:
                 self.fleet.telemetry(session.record, msg.telemetry)
+            for report in msg.health or ():
+                if report.lease_id in session.outstanding:
+                    self._health[report.task_id] = report
         elif isinstance(msg, protocol.Started):
             self._started.extend(
                 (h.task_id, h.lease_id) for h in msg.leases if h.lease_id in session.outstanding
@@ -687,6 +705,8 @@ class Coordinator:
         self._dispatched += len(claimed)
         for c in claimed:
             agent.outstanding[c.lease_id] = c.task_id
+            if c.service is not None:
+                agent.services.add(c.lease_id)
         agent.settle()
         return protocol.Assign(
             tasks=[
@@ -701,6 +721,8 @@ class Coordinator:
                     dep_results=c.dep_results,
                     job_id=c.job_id,
                     name=c.name,
+                    service=c.service,
+                    start_delay_s=c.start_delay_s,
                 )
                 for c in claimed
             ]
@@ -753,7 +775,8 @@ class Coordinator:
                 await self.mark_lost(node_id, Reason.LOST_HEARTBEAT)
 
     async def mark_lost(self, node_id: str, reason: str) -> None:
-        """A node is gone: record it and requeue its leases (attempt charged)."""
+        """A node is gone: record it and requeue its leases (attempt charged; its
+        services are restarted, not charged)."""
         now = time.time()
         try:
             node = await self.store.set_node_state(node_id, NodeState.LOST, reason, now)
@@ -773,6 +796,21 @@ class Coordinator:
         )
         if node is not None:
             self.fleet.node_down(node, reason)
+
+    # --- services ----------------------------------------------------------------------
+
+    async def services(
+        self, *, ended: bool = False
+    ) -> list[tuple[ServiceRecord, protocol.HealthReport | None]]:
+        """The services from the store, each with the health its agent last reported
+        for its current run (None: no check, or none reported yet)."""
+        out = []
+        for record in await self.store.services(ended=ended):
+            report = self._health.get(record.id)
+            if report is not None and report.lease_id != record.lease_id:
+                report = None  # of an earlier run
+            out.append((record, report))
+        return out
 
     # --- the fleet's view (herder.fleet.AgentLink) -----------------------------------
 

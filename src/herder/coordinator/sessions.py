@@ -39,6 +39,7 @@ class AgentSession:
     idle_since: float | None = None  # monotonic time it last held no lease
     drain_reason: str | None = None  # why the fleet asked it to leave
     record: NodeRecord | None = None  # as stored when it became ready (for callbacks)
+    services: set[str] = field(default_factory=set)  # lease ids of services it was given
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def settle(self) -> None:
@@ -58,7 +59,22 @@ class AgentSession:
 
     @property
     def capacity(self) -> int:
+        """How many leases it may hold: its slots and its prefetch queue.
+
+        None more once services hold every slot: a service never ends, so
+        whatever queued behind them would never start.
+        """
+        if self._services_held() >= self.slots:
+            return len(self.outstanding)
         return self.slots + self.prefetch
+
+    def finishing(self) -> int:
+        """Leases it holds that will end by themselves: all but its services'."""
+        return len(self.outstanding) - self._services_held()
+
+    def _services_held(self) -> int:
+        self.services &= self.outstanding.keys()  # forget those acknowledged or handed back
+        return len(self.services)
 
     @property
     def free(self) -> int:

@@ -22,6 +22,8 @@ from herder.model import (
     JobSummary,
     NodeRecord,
     NodeState,
+    ServiceRecord,
+    ServiceSpec,
     TaskRecord,
     TaskSpec,
     TaskState,
@@ -42,6 +44,10 @@ class Claimed:
     dep_results: dict[str, bytes]
     job_id: str = ""
     name: str | None = None
+    service: ServiceSpec | None = None
+    # A service restarted after a short run waits this long on its node
+    # before starting (its crash-loop delay, what is left of it at the claim).
+    start_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,11 +174,13 @@ class Store(abc.ABC):
         """Return the node's leases (but ``keep``) to the queue, or fail them when spent.
 
         The attempt stays charged: a task that keeps killing its nodes runs out.
+        A service is restarted instead (not charged, ``restarts`` + 1).
         """
 
     @abc.abstractmethod
     async def release_leases(self, leases: list[tuple[str, str]], now: float) -> Changes:
-        """Hand back leases of tasks that never started, without charging an attempt."""
+        """Hand back leases without charging an attempt (tasks that never started,
+        or killed for a spot interruption); a service that was running counts a restart."""
 
     @abc.abstractmethod
     async def adopt(self, node_id: str, leases: list[tuple[str, str]]) -> list[str]:
@@ -208,6 +216,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def finals(self, task_ids: list[str]) -> list[Final]:
         """The final outcomes among ``task_ids`` (for a client that watches them)."""
+
+    @abc.abstractmethod
+    async def services(self, *, ended: bool = False) -> list[ServiceRecord]:
+        """Service tasks still kept running (``ended``: the cancelled ones too)."""
 
     @abc.abstractmethod
     async def job(self, job_id: str) -> JobSummary | None: ...

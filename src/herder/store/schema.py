@@ -50,7 +50,10 @@ tasks = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
-    sa.Column("service", sa.JSON),  # a service task: restarted when it exits, health-checked
+    # A service task: restarted when it exits, health-checked. SQL NULL for
+    # other tasks (not JSON null), so that ix_tasks_service holds only services.
+    # {"spec": ServiceSpec, "backoff_s": ..., "restart_at": ..., "last_exit": ...}
+    sa.Column("service", sa.JSON(none_as_null=True)),
     sa.Column("restarts", sa.Integer, nullable=False, server_default="0"),
 )
 
@@ -67,6 +70,16 @@ sa.Index(
 sa.Index("ix_tasks_job_state", tasks.c.job_id, tasks.c.state)
 sa.Index("ix_tasks_state_seq", tasks.c.state, tasks.c.seq)
 sa.Index("ix_tasks_finished", tasks.c.finished_at)
+_service = tasks.c.service.is_not(None)
+# ``herder services`` reads the few services without walking the whole table.
+# Created on open when missing (a store made before services existed).
+ix_tasks_service = sa.Index(
+    "ix_tasks_service",
+    tasks.c.state,
+    sqlite_where=_service,
+    postgresql_where=_service,
+)
+ADDED_INDEXES = [ix_tasks_service]
 sa.Index(
     "ix_tasks_node_active",
     tasks.c.node_id,
@@ -139,7 +152,7 @@ events = sa.Table(
 sa.Index("ix_events_task", events.c.task_id)
 
 ADDED_COLUMNS[3] = [
-    ("tasks", sa.Column("service", sa.JSON)),
+    ("tasks", sa.Column("service", sa.JSON(none_as_null=True))),
     ("tasks", sa.Column("restarts", sa.Integer, nullable=False, server_default="0")),
     ("nodes", sa.Column("address", sa.String(256))),
     ("nodes", sa.Column("deadline", sa.Float)),

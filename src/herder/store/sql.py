@@ -34,6 +34,7 @@ from herder.model import (
     NodeRecord,
     NodeState,
     Reason,
+    ServiceRecord,
     TaskRecord,
     TaskSpec,
     TaskState,
@@ -53,6 +54,15 @@ from herder.store.base import (
     Store,
     Submission,
     TaskResult,
+)
+from herder.store.services import (
+    Restart,
+    restart,
+    result_restart,
+    service_column,
+    service_record,
+    spec_of,
+    start_delay,
 )
 from herder.store.statements import ACTIVE, HotStatements, state_is
 
@@ -164,6 +174,8 @@ class SqlStore(Store):
             )
         elif int(row[0]) != schema.SCHEMA_VERSION:
             self._upgrade(conn, int(row[0]))
+        for index in schema.ADDED_INDEXES:
+            index.create(conn, checkfirst=True)
         if (
             conn.execute(
                 sa.select(schema.meta.c.value).where(schema.meta.c.key == "cluster")
@@ -304,6 +316,7 @@ class SqlStore(Store):
         cycle = find_cycle({s.id: [d for d in s.depends_on if d in in_batch] for s in specs})
         if cycle:
             raise SubmissionError("dependency cycle: " + " -> ".join(cycle), task_ids=cycle)
+        _refuse_waiting_on_services(specs, {s.id for s in specs if s.service is not None})
         external = sorted({d for s in specs for d in s.depends_on if d not in in_batch})
         # known at insert for tasks of this batch; only older tasks need an UPDATE
         depended_on = {d for s in specs for d in s.depends_on if d in in_batch}
@@ -315,7 +328,7 @@ class SqlStore(Store):
                     return changes  # a retry of a batch that was committed: nothing to do
                 some = sorted(existing)[:5]
                 raise SubmissionError(f"task ids already stored: {', '.join(some)}", task_ids=some)
-            ext_state = self._states(conn, external)
+            ext_state, ext_services = self._states(conn, external)
             unknown = [d for d in external if d not in ext_state]
             if unknown:
                 who = next(s.id for s in specs if unknown[0] in s.depends_on)
@@ -324,6 +337,7 @@ class SqlStore(Store):
                     task_id=who,
                     unknown=unknown,
                 )
+            _refuse_waiting_on_services(specs, ext_services)
             job = {"id": job_id, "name": job_name, "created_at": now}
             conn.execute(self._sql.insert_job, [job])
             seq0 = max(time.time_ns(), self._last_seq + 1)
@@ -374,6 +388,7 @@ class SqlStore(Store):
                         "labels": s.labels,
                         "payload": s.payload,
                         "command": _command_json(s.command),
+                        "service": service_column(s.service),
                         "n_deps": len(s.depends_on),
                         "pending_deps": pending,
                         "run_on_failure": s.run_on_failure,
@@ -400,17 +415,23 @@ class SqlStore(Store):
             found.update(r[0] for r in conn.execute(self._sql.existing, {"ids": list(chunk)}))
         return found
 
-    def _states(self, conn: Connection, ids: Sequence[str]) -> dict[str, TaskState]:
-        """Current states, the rows share-locked on PostgreSQL.
+    def _states(
+        self, conn: Connection, ids: Sequence[str]
+    ) -> tuple[dict[str, TaskState], set[str]]:
+        """Current states, and which of the tasks are services; the rows
+        share-locked on PostgreSQL.
 
         The share lock orders a submission against a concurrent completion of
         a dependency: whichever commits second sees the other's rows.
         """
         out: dict[str, TaskState] = {}
+        services: set[str] = set()
         for chunk in _chunks(ids):
-            for tid, st in conn.execute(self._sql.states_locked, {"ids": list(chunk)}):
+            for tid, st, is_service in conn.execute(self._sql.states_locked, {"ids": list(chunk)}):
                 out[tid] = TaskState(st)
-        return out
+                if is_service:
+                    services.add(tid)
+        return out, services
 
     # --- claims ----------------------------------------------------------------
 
@@ -480,7 +501,7 @@ class SqlStore(Store):
             if started:
                 self._mark_running(conn, started, now)
             if released:
-                self._release_leases(conn, released, changes)
+                self._release_leases(conn, released, now, changes)
             if results:
                 self._complete(conn, results, now, changes)
             for req in claims:
@@ -531,6 +552,8 @@ class SqlStore(Store):
                 dep_results=dep_results.get(r.id, {}),
                 job_id=r.job_id,
                 name=r.name,
+                service=spec_of(r.service) if r.service else None,
+                start_delay_s=start_delay(r.service, now),
             )
             for r in rows
         ]
@@ -577,6 +600,7 @@ class SqlStore(Store):
         current = self._lease_rows(conn, [r.task_id for r in results])
         finished: list[dict[str, Any]] = []
         retried: list[dict[str, Any]] = []
+        restarted: list[Restart] = []
         attempt_rows: list[dict[str, Any]] = []
         succeeded: list[str] = []
         failed: list[str] = []
@@ -621,6 +645,9 @@ class SqlStore(Store):
                     "phases": (r.output or {}).get("phases"),
                 }
             )
+            if row.service is not None:  # a service's run ended, however: run it again
+                restarted.append(result_restart(row, r, now))
+                continue
             if r.state is TaskState.FAILED and row.attempt < row.max_attempts:
                 retried.append({"tid": r.task_id, "lid": r.lease_id})
                 changes.requeued.append(r.task_id)
@@ -658,6 +685,8 @@ class SqlStore(Store):
             conn.execute(self._sql.requeue, retried)
             changes.newly_ready += len(retried)
             self._events(conn, now, [("task_retry", t["tid"], None, t["lid"], {}) for t in retried])
+        if restarted:
+            self._restart(conn, restarted, now, changes)
         if attempt_rows:
             conn.execute(self._sql.insert_attempts, attempt_rows)
         if resent:
@@ -666,6 +695,15 @@ class SqlStore(Store):
             self._release(conn, succeeded, changes)
         if failed:
             self._fail_dependents(conn, failed, now, changes)
+
+    def _restart(
+        self, conn: Connection, runs: Sequence[Restart], now: float, changes: Changes
+    ) -> None:
+        """Send services whose run ended back to ``ready`` (guarded by their lease)."""
+        conn.execute(self._sql.restart, [r.params() for r in runs])
+        changes.requeued.extend(r.task_id for r in runs)
+        changes.newly_ready += len(runs)
+        self._events(conn, now, [r.event() for r in runs])
 
     def _ack_recorded(
         self, conn: Connection, results: Sequence[TaskResult], changes: Changes
@@ -802,14 +840,21 @@ class SqlStore(Store):
                 _t.c.max_attempts,
                 _t.c.leased_at,
                 _t.c.started_at,
+                _t.c.node_id,
+                _t.c.service,
+                _t.c.restarts,
             ).where(_t.c.node_id == node_id, _t.c.state.in_(ACTIVE))
             if not self.is_sqlite:
                 q = q.with_for_update()
             rows = [r for r in conn.execute(q) if r.lease_id not in keep]
             if not rows:
                 return changes
-            again = [r for r in rows if r.attempt < r.max_attempts]
-            spent = [r for r in rows if r.attempt >= r.max_attempts]
+            services = [restart(r, reason=reason, now=now) for r in rows if r.service is not None]
+            tasks = [r for r in rows if r.service is None]
+            again = [r for r in tasks if r.attempt < r.max_attempts]
+            spent = [r for r in tasks if r.attempt >= r.max_attempts]
+            if services:
+                self._restart(conn, services, now, changes)
             if again:
                 conn.execute(
                     _t.update()
@@ -864,9 +909,23 @@ class SqlStore(Store):
         return changes
 
     def _release_leases(
-        self, conn: Connection, leases: Sequence[tuple[str, str]], changes: Changes
+        self, conn: Connection, leases: Sequence[tuple[str, str]], now: float, changes: Changes
     ) -> None:
+        current = self._lease_rows(conn, [tid for tid, _ in leases])
+        running = [
+            current[tid]
+            for tid, lid in leases
+            if tid in current
+            and current[tid].lease_id == lid
+            and current[tid].service is not None
+            and current[tid].state == TaskState.RUNNING.value
+        ]
+        if running:
+            self._release_services(conn, running, now, changes)
+        ran = {r.id for r in running}
         for tid, lid in leases:
+            if tid in ran:
+                continue
             res = conn.execute(
                 _t.update()
                 .where(_t.c.id == tid, _t.c.lease_id == lid, state_is(*ACTIVE))
@@ -881,6 +940,30 @@ class SqlStore(Store):
             if res.rowcount:
                 changes.requeued.append(tid)
                 changes.newly_ready += 1
+
+    def _release_services(
+        self, conn: Connection, rows: Sequence[Any], now: float, changes: Changes
+    ) -> None:
+        """Services stopped and handed back by their agent (draining, interrupted):
+        a run ended, so a restart, recorded in ``attempts`` as ``released``."""
+        runs = [restart(r, reason=Reason.HANDED_BACK, now=now) for r in rows]
+        conn.execute(
+            _a.insert(),
+            [
+                _attempt_row(
+                    r.id,
+                    r.lease_id,
+                    r.attempt,
+                    r.node_id or "",
+                    r,
+                    now,
+                    "released",
+                    Reason.HANDED_BACK.value,
+                )
+                for r in rows
+            ],
+        )
+        self._restart(conn, runs, now, changes)
 
     async def adopt(self, node_id: str, leases: list[tuple[str, str]]) -> list[str]:
         if not leases:
@@ -1076,6 +1159,31 @@ class SqlStore(Store):
                 )
                 for r in res
             ] + current
+
+        return await self._read(_tx)
+
+    async def services(self, *, ended: bool = False) -> list[ServiceRecord]:
+        live = [s.value for s in TaskState if not s.is_final]
+        q = (
+            sa.select(
+                _t.c.id,
+                _t.c.name,
+                _t.c.job_id,
+                _t.c.state,
+                _t.c.node_id,
+                _t.c.lease_id,
+                _t.c.restarts,
+                _t.c.started_at,
+                _t.c.service,
+            )
+            .where(_t.c.service.is_not(None))  # the partial index ix_tasks_service
+            .order_by(_t.c.seq, _t.c.id)
+        )
+        if not ended:
+            q = q.where(_t.c.state.in_(live))
+
+        def _tx(conn: Connection) -> Any:
+            return [service_record(r) for r in conn.execute(q)]
 
         return await self._read(_tx)
 
@@ -1334,6 +1442,21 @@ class SqlStore(Store):
         return await self._read(_tx)
 
 
+def _refuse_waiting_on_services(specs: Sequence[TaskSpec], services: Collection[str]) -> None:
+    """A task cannot depend on a service: a service never finishes, so it would wait forever."""
+    if not services:
+        return
+    for s in specs:
+        for dep in s.depends_on:
+            if dep in services:
+                raise SubmissionError(
+                    f"task {s.id}: depends_on names service {dep}, which never finishes "
+                    "(a service runs until it is cancelled)",
+                    task_id=s.id,
+                    service=dep,
+                )
+
+
 def _command_json(command: CommandSpec | None) -> dict[str, Any] | None:
     """A command as stored: fields left at their defaults are left out (100k tasks, 100k times)."""
     return None if command is None else command.model_dump(exclude_defaults=True, by_alias=True)
@@ -1417,6 +1540,8 @@ def _task_record(row: Any, depends_on: list[str]) -> TaskRecord:
         command=CommandSpec.model_validate(row.command) if row.command else None,
         error=row.error,
         output=row.output,
+        service=spec_of(row.service) if row.service else None,
+        restarts=row.restarts or 0,
     )
 
 

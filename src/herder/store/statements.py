@@ -41,6 +41,7 @@ _LEASE_COLUMNS = (
     _t.c.priority,
     _t.c.job_id,
     _t.c.name,
+    _t.c.service,
 )
 
 
@@ -75,7 +76,9 @@ class HotStatements:
 
         # submission
         self.existing = sa.select(_t.c.id).where(_t.c.id.in_(ids()))
-        states = sa.select(_t.c.id, _t.c.state).where(_t.c.id.in_(ids()))
+        states = sa.select(
+            _t.c.id, _t.c.state, _t.c.service.is_not(None).label("is_service")
+        ).where(_t.c.id.in_(ids()))
         self.states_locked = states if is_sqlite else states.with_for_update(read=True)
         self.insert_job = insert(schema.jobs).on_conflict_do_nothing()
         self.mark_dependents = _t.update().where(_t.c.id.in_(ids())).values(has_dependents=True)
@@ -124,6 +127,8 @@ class HotStatements:
             _t.c.leased_at,
             _t.c.started_at,
             _t.c.has_dependents,
+            _t.c.service,
+            _t.c.restarts,
         ).where(_t.c.id.in_(ids()))
         self.lease_rows = lease_rows if is_sqlite else lease_rows.with_for_update()
         by_lease = (_t.c.id == sa.bindparam("tid"), _t.c.lease_id == sa.bindparam("lid"))
@@ -145,6 +150,20 @@ class HotStatements:
             _t.update()
             .where(*by_lease)
             .values(state=READY, node_id=None, lease_id=None, started_at=None)
+        )
+        # a service's run ended: back to ready, not charged, one more restart
+        self.restart = (
+            _t.update()
+            .where(*by_lease)
+            .values(
+                state=READY,
+                node_id=None,
+                lease_id=None,
+                started_at=None,
+                attempt=_t.c.attempt - 1,
+                restarts=_t.c.restarts + 1,
+                service=sa.bindparam("svc"),
+            )
         )
         self.insert_attempts = _a.insert()
         self.insert_events = schema.events.insert()
