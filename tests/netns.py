@@ -278,3 +278,122 @@ def _allocation_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------
+# subnets: a Linux bridge per subnet, namespaces as hosts on it, the root
+# namespace routing between subnets (never forwarding broadcasts)
+
+BRIDGE_PREFIX = "10.240"  # one 10.240.N.0/24 per subnet
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """One broadcast domain: a bridge in the root namespace and the hosts on it.
+
+    The root namespace holds ``gateway`` (``10.240.N.1``) on the bridge and
+    routes between subnets (``ip_forward``), so unicast crosses subnets and
+    broadcast does not: what a UDP beacon needs to be tested honestly. Each
+    host's ``veth`` is its root-side interface, a port of the bridge;
+    ``ip link set VETH down`` cuts that host off.
+    """
+
+    bridge: str
+    prefix: str  # "10.240.N"
+    gateway: str
+    hosts: list[Namespace]
+
+    @property
+    def broadcast(self) -> str:
+        return f"{self.prefix}.255"
+
+
+def set_link(ns: Namespace, up: bool) -> None:
+    """Plug (``up``) or unplug a host's cable: its root-side veth."""
+    _ip("link", "set", ns.veth, "up" if up else "down")
+
+
+@contextlib.contextmanager
+def bridged_subnets(sizes: Sequence[int]) -> Iterator[list[Subnet]]:
+    """One subnet per entry of ``sizes``, each with that many host namespaces.
+
+    Removed on exit with everything running in them. ``ip_forward`` is
+    switched on for routing and left on: other tests running at the same
+    time may route through it too, and turning it off under them would cut
+    them off (it is on in most container hosts anyway).
+    """
+    if os.geteuid() != 0:
+        _cannot("network namespaces need root")
+    made: list[Subnet] = []
+    try:
+        with _allocation_lock():
+            for size in sizes:
+                made.append(_make_subnet(_free_bridge_subnet(), size))
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        yield made
+    finally:
+        for subnet in made:
+            _destroy_subnet(subnet)
+
+
+def _make_subnet(n: int, size: int) -> Subnet:
+    tag = secrets.token_hex(3)
+    prefix = f"{BRIDGE_PREFIX}.{n}"
+    subnet = Subnet(bridge=f"hb{tag}", prefix=prefix, gateway=f"{prefix}.1", hosts=[])
+    try:
+        _ip("link", "add", subnet.bridge, "type", "bridge")
+        _ip("addr", "add", f"{subnet.gateway}/24", "dev", subnet.bridge)
+        _ip("link", "set", subnet.bridge, "up")
+        for i in range(size):
+            subnet.hosts.append(_make_bridged(subnet, i + 2))
+    except BaseException:
+        _destroy_subnet(subnet)
+        raise
+    return subnet
+
+
+def _make_bridged(subnet: Subnet, host: int) -> Namespace:
+    tag = secrets.token_hex(3)
+    ns = Namespace(
+        name=f"herder-{tag}",
+        address=f"{subnet.prefix}.{host}",
+        gateway=subnet.gateway,
+        veth=f"hr{tag}",
+    )
+    _require_root(ns.name)
+    subnet.hosts.append(ns)  # so that a failure below still removes it
+    inside = f"hn{tag}"
+    _ip("link", "add", ns.veth, "type", "veth", "peer", "name", inside)
+    _ip("link", "set", inside, "netns", ns.name)
+    _ip("link", "set", ns.veth, "master", subnet.bridge)
+    _ip("link", "set", ns.veth, "up")
+    _ip("link", "set", "lo", "up", ns=ns.name)
+    _ip("addr", "add", f"{ns.address}/24", "broadcast", subnet.broadcast, "dev", inside, ns=ns.name)
+    _ip("link", "set", inside, "up", ns=ns.name)
+    _ip("route", "add", "default", "via", subnet.gateway, ns=ns.name)
+    subnet.hosts.pop()
+    return ns
+
+
+def _destroy_subnet(subnet: Subnet) -> None:
+    for ns in subnet.hosts:
+        _destroy(ns)
+    subprocess.run(
+        ["ip", "link", "del", subnet.bridge], capture_output=True, check=False, timeout=30
+    )
+
+
+def _free_bridge_subnet() -> int:
+    """An N whose 10.240.N.0/24 no interface here uses yet."""
+    done = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True, timeout=30
+    )
+    used = {
+        int(word.split(".")[2])
+        for word in done.stdout.split()
+        if word.startswith(f"{BRIDGE_PREFIX}.") and word.count(".") == 3
+    }
+    free = [n for n in range(1, 255) if n not in used]
+    if not free:
+        raise RuntimeError(f"every {BRIDGE_PREFIX}.N.0/24 is in use")
+    return free[0]

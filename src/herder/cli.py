@@ -173,10 +173,23 @@ def up(
         float,
         typer.Option(envvar="HERDER_LOG_FILE_MAX_MB", help="Rotate the log file at this size."),
     ] = 10.0,
+    beacon: Annotated[
+        bool,
+        typer.Option(envvar="HERDER_BEACON", help="Broadcast a signed UDP beacon every second."),
+    ] = True,
+    beacon_port: Annotated[int, typer.Option(envvar="HERDER_BEACON_PORT", hidden=True)] = 7421,
+    tracker: Annotated[
+        str | None,
+        typer.Option(envvar="HERDER_TRACKER", help="Announce to this tracker (http://host:7422)."),
+    ] = None,
+    serve_tracker: Annotated[
+        bool, typer.Option(help="Also serve the tracker routes (/v1/announce, /v1/hosts).")
+    ] = False,
 ) -> None:
     """Run a coordinator in the foreground (SIGTERM, `herder down`, --stop-file: a clean stop)."""
     from herder.config import load_settings
     from herder.coordinator.service import Coordinator
+    from herder.discovery import DiscoveryOptions
     from herder.herd import load_herd, local_herd
 
     _setup_logging(log_level, log_format, log_file, log_file_max_mb)
@@ -189,7 +202,8 @@ def up(
         raise _fail(str(exc)) from exc
 
     async def main() -> None:
-        coord = Coordinator(settings, herd=policy)
+        found = DiscoveryOptions(beacon, beacon_port, tracker, serve_tracker)
+        coord = Coordinator(settings, herd=policy, discovery=found)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, coord.stop)
@@ -277,14 +291,50 @@ def token(
     print(parsed.without_url().encode() + "@" + target)
 
 
-@app.command()
+def _node_facts(data: str | None, overrides: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """``--data`` parsed (a JSON object) and the detected resources with ``--resource`` applied."""
+    from herder.agent.resources import detect_resources, parse_resource_overrides
+
+    node_data: dict[str, Any] = {}
+    if data is not None:
+        try:
+            node_data = json.loads(data)
+        except ValueError as exc:
+            raise _fail(f"--data is not valid JSON: {exc}") from exc
+        if not isinstance(node_data, dict):
+            raise _fail(f"--data must be a JSON object, got {type(node_data).__name__}")
+    try:
+        resources = {**detect_resources(), **parse_resource_overrides(overrides)}
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    return node_data, resources
+
+
+agent_app = typer.Typer(
+    help="Run an agent (no subcommand), or pause / resume one.", no_args_is_help=False
+)
+app.add_typer(agent_app, name="agent")
+
+
+@agent_app.callback(invoke_without_command=True)
 def agent(
+    ctx: typer.Context,
     join: Annotated[
         str | None, typer.Option(envvar="HERDER_JOIN", help="TOKEN@URL printed by `herder token`.")
     ] = None,
     slots: Annotated[int, typer.Option(envvar="HERDER_SLOTS", help="Tasks run at once.")] = 1,
     label: Annotated[
         list[str] | None, typer.Option("--label", help="k=v label (repeatable).")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help='JSON object for selectors, e.g. \'{"disk": "ssd"}\'.'),
+    ] = None,
+    resource: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--resource", help="Override a detected resource: cpus|mem_gb|disk_gb|gpus=N."
+        ),
     ] = None,
     node_id: Annotated[str | None, typer.Option(envvar="HERDER_NODE_ID")] = None,
     name: Annotated[str | None, typer.Option(envvar="HERDER_NODE_NAME")] = None,
@@ -349,8 +399,26 @@ def agent(
     log_format: Annotated[
         str, typer.Option(envvar="HERDER_LOG_FORMAT", help="text or json")
     ] = "text",
+    discover: Annotated[
+        bool, typer.Option(help="Find the coordinator by its UDP beacon (and follow it).")
+    ] = False,
+    tracker: Annotated[
+        str | None,
+        typer.Option(envvar="HERDER_TRACKER", help="Find the coordinator through this tracker."),
+    ] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="With discovery: only pair with this cluster id.")
+    ] = None,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(help="With discovery: the cluster secret (else HERDER_SECRET or --join)."),
+    ] = None,
+    beacon_port: Annotated[int, typer.Option(envvar="HERDER_BEACON_PORT", hidden=True)] = 7421,
 ) -> None:
     """Run an agent: pair with a coordinator and run its tasks."""
+    if ctx.invoked_subcommand is not None:
+        return  # `herder agent pause|resume NODE`
+    import dataclasses
     import shlex
 
     from herder.agent.agent import Agent, AgentConfig
@@ -358,14 +426,18 @@ def agent(
     from herder.security import JoinToken
 
     _setup_logging(log_level, log_format)
-    if not join:
-        raise _fail("give --join TOKEN@URL (or HERDER_JOIN)")
-    try:
-        parsed = JoinToken.parse(join)
-    except HerderError as exc:
-        raise _fail(str(exc)) from exc
+    finding = discover or tracker is not None
+    if finding:  # the address and fingerprint come from discovery; placeholders until then
+        parsed = JoinToken(_discovery_secret(join, secret_file), bytes(32), "https://unknown")
+    elif not join:
+        raise _fail("give --join TOKEN@URL (or HERDER_JOIN), or --discover / --tracker URL")
+    else:
+        try:
+            parsed = JoinToken.parse(join)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
     if parsed.url is None:
-        raise _fail("the join token has no @URL part")
+        raise _fail("the join token has no @URL part (or give --discover / --tracker URL)")
     if orphan_action not in ("exit", "shutdown"):
         raise _fail(f"--orphan-action must be exit or shutdown, not {orphan_action!r}")
     shutdown_argv = tuple(shlex.split(shutdown_command))
@@ -377,6 +449,7 @@ def agent(
         if not sep or not key:
             raise _fail(f"--label {item!r} must look like key=value")
         labels[key] = value
+    node_data, resources = _node_facts(data, resource or [])
     config = AgentConfig(
         url=parsed.url,
         secret=parsed.secret,
@@ -386,6 +459,8 @@ def agent(
         slots=slots,
         prefetch=prefetch,
         labels=labels,
+        data=node_data,
+        resources=resources,
         provider=provider,
         orphan_after_s=orphan_after,
         idle_exit_s=idle_exit,
@@ -397,13 +472,93 @@ def agent(
     )
 
     async def main() -> int:
-        node = Agent(config)
+        from herder.discovery import find_coordinator
+        from herder.discovery.tracker import Entry, TrackerClient, announce_loop
+
+        client = TrackerClient(tracker, parsed.secret) if tracker is not None else None
+
+        async def locate() -> tuple[str, bytes]:
+            found = await find_coordinator(
+                parsed.secret, beacon=discover, beacon_port=beacon_port, tracker=client,
+                cluster=cluster,
+            )  # fmt: skip
+            return found.url, found.fingerprint
+
+        node = Agent(dataclasses.replace(config, locate=locate) if finding else config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop)
-        return await node.run()
+        if client is None:
+            return await node.run()
+        me = Entry(kind="agent", id=config.node_id, data={"name": config.name, "slots": slots})
+        try:
+            async with asyncio.TaskGroup() as tg:
+                announcing = tg.create_task(announce_loop(client, lambda: me), name="announce")
+                code = await node.run()
+                announcing.cancel()
+            return code
+        finally:
+            await client.aclose()
 
     raise typer.Exit(asyncio.run(main()))
+
+
+@app.command("tracker")
+def tracker_command(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve HTTP on.")] = "0.0.0.0:7422",
+    ttl: Annotated[float, typer.Option(min=0.1, help="Seconds an entry lives unrefreshed.")] = 10,
+    secret_file: Annotated[
+        Path | None, typer.Option(help="The cluster secret (else HERDER_SECRET or --join).")
+    ] = None,
+    join: Annotated[str | None, typer.Option(envvar="HERDER_JOIN", help="A join token.")] = None,
+    log_level: Annotated[str, typer.Option(envvar="HERDER_LOG_LEVEL")] = "info",
+) -> None:
+    """Run the rendezvous service: coordinators and agents announce and find each other.
+
+    Plain HTTP on purpose: every call and answer is signed with the secret
+    (HMAC), so the secret never travels and nothing unsigned is believed.
+    """
+    import uvicorn
+
+    from herder.config import split_host_port
+    from herder.discovery.tracker import tracker_app
+
+    _setup_logging(log_level, "text")
+    secret = _discovery_secret(join, secret_file)
+    try:
+        host, port = split_host_port(listen)
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"herder tracker at [bold]http://{host}:{port}[/bold]", highlight=False)
+    uvicorn.run(tracker_app(secret, ttl), host=host, port=port, log_level="warning")
+
+
+def _discovery_secret(join: str | None, secret_file: Path | None) -> bytes:
+    """The cluster secret for an agent that finds its coordinator by itself.
+
+    From ``--secret-file`` (the coordinator's ``secret`` file format: hex),
+    else ``HERDER_SECRET`` (the same hex), else a join token (with or
+    without an address: only its secret is used).
+    """
+    from herder.security import SECRET_BYTES, JoinToken, load_secret
+
+    try:
+        if secret_file is not None:
+            return load_secret(secret_file)
+        text = os.environ.get("HERDER_SECRET", "").strip()
+        if text:
+            try:
+                secret = bytes.fromhex(text)
+            except ValueError:
+                secret = b""
+            if len(secret) != SECRET_BYTES:
+                raise _fail(f"HERDER_SECRET must be {SECRET_BYTES * 2} hex characters")
+            return secret
+        if join:
+            return JoinToken.parse(join).secret
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
+    raise _fail("discovery needs the secret: --secret-file, HERDER_SECRET or --join TOKEN")
 
 
 # ---------------------------------------------------------------------------
@@ -483,6 +638,32 @@ def drain(node: Annotated[str, typer.Argument(help="Node id.")], home: HomeOpt =
         except HerderError as exc:
             raise _fail(str(exc)) from exc
     console.print(f"{node} draining")
+
+
+@agent_app.command("pause")
+def pause(node: Annotated[str, typer.Argument(help="Node id.")], home: HomeOpt = None) -> None:
+    """The node takes no new tasks; it finishes what it runs and stays paired."""
+    _set_available(node, False, home)
+
+
+@agent_app.command("resume")
+def resume(node: Annotated[str, typer.Argument(help="Node id.")], home: HomeOpt = None) -> None:
+    """A paused node takes tasks again."""
+    _set_available(node, True, home)
+
+
+app.command("pause", help="Same as `herder agent pause NODE`.")(pause)
+app.command("resume", help="Same as `herder agent resume NODE`.")(resume)
+
+
+def _set_available(node: str, available: bool, home: Path | None) -> None:
+    """Through the coordinator by node id, so it works from any machine with a token."""
+    with _client(home) as herd:
+        try:
+            herd.set_available(node, available)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    console.print(f"{node} {'available' if available else 'paused'}")
 
 
 @app.command()
@@ -669,6 +850,11 @@ def task_detail(
         )
         if t["error"].get("traceback"):
             console.print(t["error"]["traceback"], highlight=False, markup=False)
+    if data.get("progress"):
+        p = data["progress"]
+        console.print(
+            f"progress {p['fraction'] * 100:.0f}% {p['message']}".rstrip(), highlight=False
+        )
     for stream, text in (data.get("live") or {}).items():
         console.print(f"--- {stream} (live, still running) ---")
         console.print(text, highlight=False, markup=False, end="")
@@ -797,9 +983,11 @@ def _watch_job(herd: Any, job: str, *, quiet: bool) -> dict[str, Any]:
                 raise _fail(str(exc)) from exc
             counts = summary["counts"]
             done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
-            progress.update(
-                bar, total=summary["total"], completed=done, counts=_state_counts(counts)
-            )
+            running = summary.get("progress")  # the running tasks that report progress
+            line = _state_counts(counts)
+            if running:
+                line += f" · running at {running['average'] * 100:.0f}% on average"
+            progress.update(bar, total=summary["total"], completed=done, counts=line)
             if summary["finished"]:
                 return summary
             time.sleep(0.2)

@@ -15,8 +15,22 @@ import builtins
 import contextlib
 import json
 import os
+import queue
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,6 +54,9 @@ from herder.errors import (
     TaskTimeout,
 )
 from herder.model import CommandSpec, ServiceSpec, TaskRef, TaskSpec, new_id
+from herder.selector import Facts
+from herder.selector import evaluate as evaluate_selector
+from herder.selector import parse as parse_selector
 
 if TYPE_CHECKING:
     from herder.dataclient import DataClient
@@ -48,6 +65,85 @@ T = TypeVar("T")
 DEFAULT_RETRIES = 2
 MAP_BATCH = 1000
 PUSH_ATTEMPTS = 3  # a push whose answer was lost is sent again (idempotent by job id)
+EVENT_TTL_S = 60.0  # how long the client keeps events for listeners that come later
+EVENT_KINDS = frozenset(
+    {
+        "node_available",
+        "node_unavailable",
+        "coordinator_available",
+        "coordinator_unavailable",
+        "emit",
+    }
+)
+
+
+@dataclass(frozen=True)
+class HerdEvent:
+    """A discovery event (a node or the coordinator came or went) or a task's ``emit``.
+
+    ``at`` is the wall-clock time it happened; ``data`` holds a reason
+    (``{"reason": "paused"}``) or what the task emitted.
+    """
+
+    kind: str
+    at: float
+    node_id: str | None = None
+    task_id: str | None = None
+    topic: str | None = None
+    data: Any = None
+
+
+class _EventBuffer:
+    """Events kept for ``ttl_s`` so that listeners added later still get them.
+
+    Bounded by age, and by ``limit`` entries as a guard against a flood.
+    Used from the client's loop only.
+    """
+
+    def __init__(self, ttl_s: float, limit: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self._events: deque[tuple[float, HerdEvent]] = deque(maxlen=limit)
+        self._listeners: list[tuple[frozenset[str] | None, Callable[[HerdEvent], object]]] = []
+
+    def _expire(self) -> None:
+        horizon = time.monotonic() - self.ttl_s
+        while self._events and self._events[0][0] < horizon:
+            self._events.popleft()
+
+    def add(self, event: HerdEvent) -> None:
+        self._expire()
+        self._events.append((time.monotonic(), event))
+        for kinds, fn in list(self._listeners):
+            if kinds is None or event.kind in kinds:
+                fn(event)
+
+    def listen(
+        self, kinds: frozenset[str] | None, fn: Callable[[HerdEvent], object]
+    ) -> Callable[[], None]:
+        """Call ``fn`` for the buffered events still young enough, then each new one;
+        returns the function that stops it."""
+        self._expire()
+        for _, event in list(self._events):
+            if kinds is None or event.kind in kinds:
+                fn(event)
+        entry = (kinds, fn)
+        self._listeners.append(entry)
+
+        def stop() -> None:
+            if entry in self._listeners:
+                self._listeners.remove(entry)
+
+        return stop
+
+
+def _kinds(types: str | Iterable[str] | None) -> frozenset[str] | None:
+    if types is None:
+        return None
+    kinds = frozenset([types] if isinstance(types, str) else types)
+    unknown = kinds - EVENT_KINDS
+    if unknown:
+        raise ValueError(f"unknown event types {sorted(unknown)}; known: {sorted(EVENT_KINDS)}")
+    return kinds
 
 
 class RemoteTraceback(Exception):
@@ -75,6 +171,8 @@ class TaskFuture:
         self.kind = kind
         self.submitted: asyncio.Future[None] = loop.create_future()
         self._outcome: asyncio.Future[protocol.Outcome] = loop.create_future()
+        # (fraction, message) as the task last reported with herder.task.progress
+        self.progress: tuple[float, str] | None = None
 
     def __repr__(self) -> str:
         state = self._outcome.result().state if self._outcome.done() else "pending"
@@ -179,8 +277,17 @@ def resolve_target(
 class AsyncClient:
     """``async with await AsyncClient.open() as herd: await herd.submit(pow, 2, 10)``."""
 
-    def __init__(self, url: str, token: security.JoinToken, ca_pem: bytes) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: security.JoinToken,
+        ca_pem: bytes,
+        *,
+        event_ttl_s: float = EVENT_TTL_S,
+    ) -> None:
         self.url = url
+        self._events = _EventBuffer(event_ttl_s)
+        self._sends: dict[int, asyncio.Future[int]] = {}
         self._token = token
         self._ssl = security.client_ssl_context(ca_pem)
         self._ca_pem = ca_pem
@@ -210,10 +317,11 @@ class AsyncClient:
         token: str | None = None,
         *,
         env: Mapping[str, str] | None = None,
+        event_ttl_s: float = EVENT_TTL_S,
     ) -> AsyncClient:
         target, parsed = resolve_target(url, token, os.environ if env is None else env)
         ca = await asyncio.to_thread(security.fetch_pinned_ca, target, parsed.fingerprint)
-        client = cls(target, parsed, ca)
+        client = cls(target, parsed, ca, event_ttl_s=event_ttl_s)
         await client._connect()
         client._reader = asyncio.create_task(client._read_loop(), name="herder-client-reader")
         return client
@@ -262,6 +370,7 @@ class AsyncClient:
             compression=None,
         )
         self._connected.set()
+        self._events.add(HerdEvent("coordinator_available", time.time(), data={"url": self.url}))
 
     async def _read_loop(self) -> None:
         """Receive acknowledgements and outcomes; reconnect and resend when the link drops."""
@@ -275,6 +384,11 @@ class AsyncClient:
             except websockets.ConnectionClosed:
                 pass
             self._connected.clear()
+            lost = HerdEvent("coordinator_unavailable", time.time(), data={"url": self.url})
+            self._events.add(lost)
+            for req, sent in self._sends.items():  # at most once: not resent
+                sent.set_exception(ConnectionLost(f"send {req}: the link dropped before an answer"))
+            self._sends.clear()
             await self._reconnect()
 
     async def _reconnect(self, give_up_after: float = 60.0) -> None:
@@ -321,6 +435,81 @@ class AsyncClient:
                     waiting = self._futures.pop(outcome.task_id, None)
                     if waiting is not None:
                         waiting._set(outcome)
+            elif isinstance(msg, protocol.Sent):
+                sent = self._sends.pop(msg.req, None)
+                if sent is None or sent.done():
+                    continue
+                if msg.error is None:
+                    sent.set_result(msg.delivered)
+                else:
+                    sent.set_exception(SubmissionError(f"send refused: {msg.error}"))
+            elif isinstance(msg, protocol.Event):
+                self._on_event(msg)
+
+    def _on_event(self, msg: protocol.Event) -> None:
+        if msg.kind == "progress":
+            fut = self._futures.get(msg.task_id or "")
+            if fut is not None and isinstance(msg.data, dict):
+                fut.progress = (float(msg.data["fraction"]), str(msg.data.get("message", "")))
+            return
+        self._events.add(HerdEvent(msg.kind, msg.at, msg.node_id, msg.task_id, msg.topic, msg.data))
+
+    # --- the event bus ------------------------------------------------------------------
+
+    async def send(self, target: str, topic: str, data: Any = None) -> int:
+        """Send to the ``herder.node.on(topic, ...)`` handlers of ``target``: a node
+        id, ``"all"`` or a selector; returns on how many nodes it was delivered.
+
+        At most once, to nodes connected now; ``data`` is JSON-like, at most 64 KB.
+        """
+        if self._closed:
+            raise ClientClosed()
+        msg = protocol.Send(target=target, topic=topic, data=data, req=self._next_req)
+        self._next_req += 1
+        await self._connected.wait()
+        assert self._ws is not None
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._sends[msg.req] = answer
+        await self._ws.send(protocol.encode(msg))
+        return await answer
+
+    def on(
+        self, types: str | Iterable[str], fn: Callable[[HerdEvent], object]
+    ) -> Callable[[], None]:
+        """Call ``fn(event)`` for events of ``types``, starting with those still buffered
+        (younger than the TTL); returns a function that stops it. ``fn`` runs in the
+        client's loop and must not block."""
+        return self._events.listen(_kinds(types), fn)
+
+    async def events(
+        self,
+        types: str | Iterable[str] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (how long to iterate, not one await)
+    ) -> AsyncIterator[HerdEvent]:
+        """``async for ev in herd.events("node_available", timeout=5)``: buffered events
+        younger than the TTL, then new ones, until ``timeout`` seconds have passed
+        (None: until the loop is left)."""
+        box: asyncio.Queue[HerdEvent] = asyncio.Queue()
+        stop = self._events.listen(_kinds(types), box.put_nowait)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    return
+                try:
+                    yield await asyncio.wait_for(box.get(), left)
+                except TimeoutError:
+                    return
+        finally:
+            stop()
+
+    async def set_available(self, node_id: str, available: bool) -> None:
+        """Pause a node (``False``: it takes no new tasks, finishes what it runs and
+        stays paired) or resume it."""
+        await self._post(f"/v1/nodes/{node_id}/{'resume' if available else 'pause'}", {})
 
     # --- submitting ---------------------------------------------------------------------
 
@@ -344,6 +533,8 @@ class AsyncClient:
         job: str | None = None,
         run_on_failure: bool = False,
         service: bool | ServiceSpec | None = None,
+        select: str | None = None,
+        resources: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a node. Futures among the arguments are dependencies.
@@ -372,6 +563,7 @@ class AsyncClient:
             timeout_s=timeout,
             labels=dict(labels or {}),
             run_on_failure=run_on_failure,
+            **_placement(select, resources),
         )
         return self._enqueue(self._job(job), None, spec)
 
@@ -394,6 +586,8 @@ class AsyncClient:
         health_timeout_s: float | None = None,
         unhealthy_after: int | None = None,
         grace_s: float | None = None,
+        select: str | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> TaskFuture:
         """Run a program (argv, no shell) or a ``sh -c`` string; the result is its output.
 
@@ -422,6 +616,7 @@ class AsyncClient:
             timeout_s=timeout,
             labels=dict(labels or {}),
             service=_service_spec(service, {k: v for k, v in checks.items() if v is not None}),
+            **_placement(select, resources),
         )
         return self._enqueue(self._job(job), None, spec)
 
@@ -482,8 +677,11 @@ class AsyncClient:
         retries: int = DEFAULT_RETRIES,
         timeout: float | None = None,  # noqa: ASYNC109 - each task's timeout, not this call's
         priority: int = 0,
+        select: str | None = None,
+        resources: Mapping[str, float] | None = None,
     ) -> list[T]:
         """``[fn(x) for x in iterable]`` on the herd, results in order; one job."""
+        placement = _placement(select, resources)
         job_id = job or new_id("j")
         fn_name = getattr(fn, "__name__", None)
         futs: list[TaskFuture] = []
@@ -499,11 +697,38 @@ class AsyncClient:
                     priority=priority,
                     max_attempts=retries + 1,
                     timeout_s=timeout,
+                    **placement,
                 )
                 for item in items[start : start + batch_size]
             ]
             futs.extend(await self.submit_batch(job_id, f"map {fn_name}", specs))
         return [await f for f in futs]
+
+    def run_on(self, node_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+        """:meth:`submit` pinned to one node (a selector on its built-in fact ``node``)."""
+        pin = f"node == {json.dumps(node_id)}"
+        extra = kwargs.pop("select", None)
+        return self.submit(fn, *args, select=f"{pin} and ({extra})" if extra else pin, **kwargs)
+
+    async def run_on_all(
+        self, fn: Callable[..., T], *args: Any, select: str | None = None, **kwargs: Any
+    ) -> dict[str, T]:
+        """One copy of ``fn(*args)`` on each ready node matching ``select``: ``{node: result}``.
+
+        The nodes are those paired and ready now; each copy is pinned to its
+        node, so a node that leaves takes its copy's result with it (the
+        call then raises that task's error).
+        """
+        tree = parse_selector(select) if select else None
+        targets = []
+        for n in await self.nodes():
+            if n["state"] not in ("ready", "busy"):
+                continue
+            facts = Facts(n["id"], n["labels"], n.get("data") or {}, n.get("resources") or {})
+            if tree is None or evaluate_selector(tree, facts):
+                targets.append(n["id"])
+        futs = {node: self.run_on(node, fn, *args, **kwargs) for node in targets}
+        return {node: await fut for node, fut in futs.items()}
 
     def future(self, task_id: str, kind: str = "call") -> TaskFuture:
         """A future for a task submitted elsewhere (e.g. by ``herder push``)."""
@@ -656,7 +881,8 @@ class AsyncClient:
         result: list[dict[str, Any]] = await self._get("/v1/jobs", limit=limit)
         return result
 
-    async def events(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    async def event_log(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """The store's event log (every state change, oldest first, ids after ``after``)."""
         result: list[dict[str, Any]] = await self._get("/v1/events", after=after, limit=limit)
         return result
 
@@ -764,6 +990,11 @@ class Future:
     def done(self) -> bool:
         return self._inner.done()
 
+    @property
+    def progress(self) -> tuple[float, str] | None:
+        """(fraction, message) as the task last reported it, while it is watched."""
+        return self._inner.progress
+
 
 class Client:
     """``herd = herder.connect(); herd.submit(pow, 2, 10).result() == 1024``."""
@@ -774,6 +1005,7 @@ class Client:
         token: str | None = None,
         *,
         env: Mapping[str, str] | None = None,
+        event_ttl_s: float = EVENT_TTL_S,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -781,7 +1013,9 @@ class Client:
         )
         self._thread.start()
         try:
-            self._async: AsyncClient = self._run(AsyncClient.open(url, token, env=env))
+            self._async: AsyncClient = self._run(
+                AsyncClient.open(url, token, env=env, event_ttl_s=event_ttl_s)
+            )
         except BaseException:
             self._stop_loop()
             raise
@@ -843,6 +1077,15 @@ class Client:
     ) -> builtins.list[T]:
         return self._run(self._async.map(fn, iterable, **options))
 
+    def run_on(self, node_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """As :meth:`AsyncClient.run_on`; returns once the submission is committed."""
+        return self._submitted(lambda: self._async.run_on(node_id, fn, *args, **kwargs))
+
+    def run_on_all(
+        self, fn: Callable[..., T], *args: Any, select: str | None = None, **kwargs: Any
+    ) -> dict[str, T]:
+        return self._run(self._async.run_on_all(fn, *args, select=select, **kwargs))
+
     def future(self, task_id: str, kind: str = "call") -> Future:
         async def make() -> TaskFuture:
             return self._async.future(task_id, kind)
@@ -878,6 +1121,44 @@ class Client:
     def drain(self, node_id: str) -> None:
         self._run(self._async.drain(node_id))
 
+    def send(self, target: str, topic: str, data: Any = None) -> int:
+        return self._run(self._async.send(target, topic, data))
+
+    def set_available(self, node_id: str, available: bool) -> None:
+        self._run(self._async.set_available(node_id, available))
+
+    def on(
+        self, types: str | Iterable[str], fn: Callable[[HerdEvent], object]
+    ) -> Callable[[], None]:
+        """As :meth:`AsyncClient.on`; ``fn`` runs in the client's loop thread."""
+
+        async def add() -> Callable[[], None]:
+            return self._async.on(types, fn)
+
+        stop = self._run(add())
+
+        def stop_soon() -> None:
+            self._loop.call_soon_threadsafe(stop)
+
+        return stop_soon
+
+    def events(
+        self, types: str | Iterable[str] | None = None, *, timeout: float
+    ) -> Iterator[HerdEvent]:
+        """Blocking: buffered then new events of ``types`` for ``timeout`` seconds."""
+        kinds = _kinds(types)
+        box: queue.SimpleQueue[HerdEvent] = queue.SimpleQueue()
+        stop = self.on(kinds if kinds is not None else EVENT_KINDS, box.put)
+        deadline = time.monotonic() + timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    yield box.get(timeout=left)
+                except queue.Empty:
+                    return
+        finally:
+            stop()
+
     def terminate(self, node_id: str) -> None:
         self._run(self._async.terminate(node_id))
 
@@ -893,8 +1174,8 @@ class Client:
     def jobs(self, limit: int = 100) -> builtins.list[dict[str, Any]]:
         return self._run(self._async.jobs(limit))
 
-    def events(self, after: int = 0, limit: int = 100) -> builtins.list[dict[str, Any]]:
-        return self._run(self._async.events(after, limit))
+    def event_log(self, after: int = 0, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.event_log(after, limit))
 
     def services(self, *, ended: bool = False) -> builtins.list[dict[str, Any]]:
         return self._run(self._async.services(ended=ended))
@@ -912,3 +1193,11 @@ def connect(
 
 def credentials_path(home: Path) -> Path:
     return home / "coordinator.json"
+
+
+def _placement(select: str | None, resources: Mapping[str, float] | None) -> dict[str, Any]:
+    """TaskSpec fields for a selector and resources; a bad selector raises SelectorError
+    (with its caret line) here, before anything is sent."""
+    if select is not None:
+        parse_selector(select)
+    return {"select": select, "resources": dict(resources or {})}

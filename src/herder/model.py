@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from herder import selector
 from herder.errors import InvalidTransition
 
 # ---------------------------------------------------------------------------
@@ -373,6 +374,21 @@ class TaskSpec(BaseModel):
     labels: Labels = Field(default_factory=dict)
     run_on_failure: bool = False
     service: ServiceSpec | None = None
+    # which nodes may run it (herder.selector) and what it holds while it runs
+    select: str | None = Field(default=None, max_length=selector.MAX_SELECTOR)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("select")
+    @classmethod
+    def _select_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            selector.parse(value)  # a SelectorError is a ValueError: names the field
+        return value
+
+    @field_validator("resources")
+    @classmethod
+    def _resources_known(cls, value: dict[str, float]) -> dict[str, float]:
+        return selector.check_resources(value)
 
     @model_validator(mode="after")
     def _kind_matches_body(self) -> TaskSpec:
@@ -398,17 +414,30 @@ class TaskSpec(BaseModel):
         unconstrained tasks through one index range and matches the few
         distinct keys against its labels in Python.
         """
-        return constraint_key(self.labels)
+        return constraint_key(self.labels, self.select, self.resources)
 
 
-def constraint_key(labels: Labels) -> str:
-    return ",".join(f"{k}={labels[k]}" for k in sorted(labels))
+def constraint_key(
+    labels: Labels, select: str | None = None, resources: dict[str, float] | None = None
+) -> str:
+    """Labels alone give "k=v,k=v" as ever; see :func:`herder.selector.constraint_key`."""
+    if not select and not resources:
+        return ",".join(f"{k}={labels[k]}" for k in sorted(labels))
+    return selector.constraint_key(labels, select, resources)
 
 
 def labels_match(required: str, node_labels: Labels) -> bool:
-    """Whether a node with ``node_labels`` satisfies a task's constraint key."""
+    """Whether a node with ``node_labels`` has the labels a task's constraint key asks.
+
+    Only the labels: the selector and resources of a key are checked
+    against all of a node's facts by :meth:`herder.selector.Constraint.admits`.
+    """
     if not required:
         return True
+    if selector.SEP in required:
+        required = required.rsplit(selector.SEP, 2)[0]
+        if not required:
+            return True
     for pair in required.split(","):
         key, _, value = pair.partition("=")
         if node_labels.get(key) != value:
@@ -465,6 +494,10 @@ class TaskRecord(BaseModel):
     output: dict[str, Any] | None = None
     service: ServiceSpec | None = None
     restarts: int = 0
+    select: str | None = None  # canonical text of its selector
+    resources: dict[str, float] = Field(default_factory=dict)
+    # why a ready task is not running, when the coordinator knows (not stored)
+    waiting_reason: str | None = None
 
 
 class ServiceExit(BaseModel):
@@ -532,6 +565,9 @@ class NodeRecord(BaseModel):
     reason: str | None  # the death reason once it is terminated or lost
     address: str | None = None  # where its provider put it: a pid, a host, an instance id
     deadline: float | None = None  # a requested/booting node not paired by then is replaced
+    data: dict[str, Any] = Field(default_factory=dict)  # free-form, from ``--data``
+    resources: dict[str, float] = Field(default_factory=dict)  # cpus, mem_gb, disk_gb, gpus
+    paused: bool = False  # takes no new tasks (``herder pause``); kept across restarts
 
 
 class EventRecord(BaseModel):

@@ -13,7 +13,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
 
 from herder.model import CommandSpec, ServiceSpec, TaskSpec
 
@@ -59,6 +66,10 @@ class Hello(_Msg):
     slots: int = Field(ge=1, le=4096)
     prefetch: int = Field(ge=0, le=100_000)
     labels: dict[str, str] = Field(default_factory=dict)
+    # free-form facts (``--data``) and what it has to run tasks with
+    # (cpus, mem_gb, disk_gb, gpus): both matched by task selectors
+    data: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, float] = Field(default_factory=dict)
     host: str = ""
     pid: int = 0
     provider: str = "joined"
@@ -259,15 +270,119 @@ class Done(_Msg):
     items: list[Outcome]
 
 
+# --- the event bus (agents and clients) -----------------------------------------
+
+MAX_DATA_BYTES = 64 * 1024
+TOPIC = Field(min_length=1, max_length=256)
+
+
+def check_data(data: Any) -> Any:
+    """``data`` as sent on the bus: JSON-like and at most 64 KB once packed.
+
+    Checked where the data is made (client, task) for a clear error at the
+    call, and again here, so no peer can push big blobs through the bus:
+    large things belong in the datastore.
+    """
+    try:
+        size = len(msgpack.packb(data, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"data must be JSON-like (msgpack): {exc}") from exc
+    if size > MAX_DATA_BYTES:
+        raise ValueError(
+            f"data is {size} bytes packed; the bus carries at most {MAX_DATA_BYTES} "
+            "(put large values in the datastore and send their key)"
+        )
+    return data
+
+
+BusData = Annotated[Any, AfterValidator(check_data)]
+
+
+class Send(_Msg):
+    """A message for the handlers of ``topic`` on the nodes ``target`` names.
+
+    ``target``: a node id, ``"all"``, or a selector over node labels. From a
+    client, ``req`` is answered by :class:`Sent`; from an agent (a task's
+    ``herder.task.send``), the coordinator relays it and answers nothing.
+    """
+
+    t: Literal["send"] = "send"
+    target: str = Field(min_length=1, max_length=1024)
+    topic: str = TOPIC
+    data: BusData = None
+    req: int = 0
+    task_id: str | None = None
+
+
+class Emit(_Msg):
+    """An event a running task emits for the clients (``herder.task.emit``)."""
+
+    t: Literal["emit"] = "emit"
+    topic: str = TOPIC
+    data: BusData = None
+    task_id: str | None = None
+
+
+class Progress(_Msg):
+    """How far a running task is (``herder.task.progress``): 0 to 1 and a short note."""
+
+    t: Literal["progress"] = "progress"
+    task_id: str
+    lease_id: str
+    job_id: str = ""
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str = Field(default="", max_length=500)
+
+
+class Deliver(_Msg):
+    """A bus message for this node's handlers (``herder.node.on``); ``sender``:
+    the node id it came from, or ``"client"``."""
+
+    t: Literal["deliver"] = "deliver"
+    topic: str = TOPIC
+    data: BusData = None
+    sender: str
+
+
+class Sent(_Msg):
+    """The answer to a client's :class:`Send`: on how many nodes it was delivered."""
+
+    t: Literal["sent"] = "sent"
+    req: int
+    delivered: int = 0
+    error: str | None = None
+
+
+EventKind = Literal["node_available", "node_unavailable", "emit", "progress"]
+
+
+class Event(_Msg):
+    """Pushed to clients: a node came or went, a task emitted, a watched task's progress.
+
+    Discovery and emitted events go to every connected client (each keeps
+    them for a TTL, for listeners that come later); progress goes to the
+    clients watching the task.
+    """
+
+    t: Literal["event"] = "event"
+    kind: EventKind
+    at: float
+    node_id: str | None = None
+    task_id: str | None = None
+    topic: str | None = None
+    data: Any = None
+
+
 AgentMessage = Annotated[
-    Hello | Proof | Heartbeat | Started | Results | Output | Release | Bye,
+    Hello | Proof | Heartbeat | Started | Results | Output | Release | Bye | Send | Emit | Progress,
     Field(discriminator="t"),
 ]
 CoordinatorMessage = Annotated[
-    Challenge | Welcome | Refuse | Assign | Ack | Cancel | Drain, Field(discriminator="t")
+    Challenge | Welcome | Refuse | Assign | Ack | Cancel | Drain | Deliver,
+    Field(discriminator="t"),
 ]
-ClientMessage = Annotated[Submit | Watch, Field(discriminator="t")]
-ServerMessage = Annotated[Submitted | Done | Refuse, Field(discriminator="t")]
+ClientMessage = Annotated[Submit | Watch | Send, Field(discriminator="t")]
+ServerMessage = Annotated[Submitted | Done | Refuse | Sent | Event, Field(discriminator="t")]
 
 _agent_frame: TypeAdapter[list[AgentMessage]] = TypeAdapter(list[AgentMessage])
 _coordinator_frame: TypeAdapter[list[CoordinatorMessage]] = TypeAdapter(list[CoordinatorMessage])

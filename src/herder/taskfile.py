@@ -72,6 +72,7 @@ from typing import Any, Literal, NoReturn
 import pydantic
 import yaml
 
+from herder import selector
 from herder.errors import TaskFileError
 from herder.model import (
     CommandSpec,
@@ -125,6 +126,8 @@ TASK_FIELDS = (
     "unhealthy_after",
     "grace_s",
     "replicas",
+    "select",
+    "resources",
 )
 # The settings of a service, as ServiceSpec names them; only with ``service = true``.
 SERVICE_FIELDS = ("health", "health_s", "health_timeout_s", "unhealthy_after", "grace_s")
@@ -148,7 +151,8 @@ _ALIASES = {
     "workdir": "cwd",
     "working_dir": "cwd",
     "dir": "cwd",
-    "selector": "labels",
+    "selector": "select",
+    "query": "select",
     "constraints": "labels",
     "inputs": "fetch",
     "outputs": "upload",
@@ -464,6 +468,8 @@ class _Entry:
     keep_scratch: bool = False
     service: dict[str, Any] | None = None  # ServiceSpec fields; None: not a service
     replicas: int | None = None
+    select: str | None = None  # canonical selector text
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 _Matrix = list[tuple[str, list[str]]]
@@ -521,6 +527,8 @@ def _read_fields(raw: dict[Any, Any], index: int) -> tuple[_Entry, _Matrix | Non
         fetch=_fetch(raw.get("fetch")),
         upload=_upload(raw.get("upload")),
         keep_scratch=bool(keep_scratch),
+        select=_select(raw.get("select")),
+        resources=_resources(raw.get("resources")),
     )
     _read_service(raw, entry)
     return entry, _matrix(raw.get("matrix"))
@@ -800,6 +808,29 @@ def _depends_on(value: object) -> list[str]:
         if not isinstance(item, str) or not item:
             raise _Invalid(f"depends_on[{i}]", f"must be a task name, got {_describe(item)}")
     return list(value)
+
+
+def _select(value: object) -> str | None:
+    """A selector, parsed now so the error shows the bad token (with its caret line)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid("select", f"must be a string, got {_describe(value)}")
+    try:
+        return selector.canonical(value)
+    except selector.SelectorError as exc:
+        raise _Invalid("select", str(exc)) from exc
+
+
+def _resources(value: object) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid("resources", f"must be a table like {{ cpus = 2 }}, got {_describe(value)}")
+    try:
+        return selector.check_resources(value)
+    except ValueError as exc:
+        raise _Invalid("resources", str(exc).removeprefix("resources: ")) from exc
 
 
 def _int(value: object, field: str, default: int, low: int, high: int) -> int:
@@ -1092,4 +1123,6 @@ def _spec(entry: _Entry, task_id: str, depends_on: list[str]) -> TaskSpec:
         labels=entry.labels,
         run_on_failure=entry.run_on_failure,
         service=None if entry.service is None else ServiceSpec.model_validate(entry.service),
+        select=entry.select,
+        resources=entry.resources,
     )

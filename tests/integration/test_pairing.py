@@ -63,7 +63,7 @@ def test_a_wrong_secret_is_refused_on_both_sides(empty_herd: LocalHerd) -> None:
     assert len(reason) == 1
     assert "secret" in reason[0]
     assert rogue.secret.hex() not in done.stdout + done.stderr
-    refused = [e for e in client.events(limit=1000) if e["action"] == "pairing_refused"]
+    refused = [e for e in client.event_log(limit=1000) if e["action"] == "pairing_refused"]
     assert refused
     assert client.nodes() == []
     assert client.task(task.task_id)["task"]["state"] == "ready"

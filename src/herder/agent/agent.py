@@ -46,7 +46,8 @@ import ssl
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +61,7 @@ from herder.model import Reason
 from . import telemetry
 from .health import Health, HealthCheck, watch
 from .phases import attempt_dir
+from .resources import detect_resources
 from .runner import Slot, task_environment
 from .spot import SpotNotice, SpotWatcher
 
@@ -87,6 +89,10 @@ class AgentConfig:
     slots: int = 1
     prefetch: int | None = None  # tasks queued beyond the slots; None adapts to task length
     labels: dict[str, str] = field(default_factory=dict)
+    # free-form facts for selectors (``--data``); resources it announces (an
+    # empty dict: detected, see herder.agent.resources)
+    data: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)
     provider: str = "joined"
     reconnect_max_s: float = 5.0
     grace_s: float = 30.0
@@ -103,6 +109,10 @@ class AgentConfig:
     # shutdown_command (a cloud machine that shuts down is terminated: no bill).
     orphan_action: Literal["exit", "shutdown"] = "exit"
     shutdown_command: tuple[str, ...] = ("shutdown", "-h", "now")
+    # Found by discovery (--discover/--tracker): waits for a coordinator and returns
+    # its (url, CA fingerprint); asked again whenever a connection fails, so a
+    # coordinator that moved is followed. None: ``url`` is fixed.
+    locate: Callable[[], Awaitable[tuple[str, bytes]]] | None = None
 
 
 class Agent:
@@ -114,7 +124,8 @@ class Agent:
         # shared by every slot; "data" is filled in once the coordinator's CA is known
         self._task_context: dict[str, Any] = {"scratch_root": str(scratch), "data": None}
         self._slots = [
-            Slot(i, self._task_context, on_output=self._on_output) for i in range(config.slots)
+            Slot(i, self._task_context, on_output=self._on_output, on_bus=self._on_bus)
+            for i in range(config.slots)
         ]
         self._queue: deque[protocol.Assignment] = deque()
         self._queue_event = asyncio.Event()
@@ -123,6 +134,7 @@ class Agent:
         self._out_results: list[protocol.ResultItem] = []
         self._out_started: list[protocol.HeldLease] = []
         self._out_output: list[protocol.OutputChunk] = []
+        self._out_bus: list[protocol.Send | protocol.Emit | protocol.Progress] = []
         self._flush_scheduled = False
         self._ws: ClientConnection | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -219,6 +231,8 @@ class Agent:
         while not self._stopping.is_set():
             try:
                 if self._ssl is None:
+                    if self.config.locate is not None and not await self._locate():
+                        return 0
                     ca = await asyncio.to_thread(
                         security.fetch_pinned_ca, self.config.url, self.config.fingerprint
                     )
@@ -252,6 +266,8 @@ class Agent:
                 log.warning("cannot reach %s: %s", self.config.url, exc)
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 log.info("coordinator %s unreachable: %s", self.config.url, exc)
+                if self.config.locate is not None:
+                    self._ssl = None  # find it again: it may have moved
             finally:
                 self._ws = None
                 if self._disconnected_at is None:
@@ -263,6 +279,24 @@ class Agent:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             backoff = min(backoff * 2, self.config.reconnect_max_s)
         return 0
+
+    async def _locate(self) -> bool:
+        """Wait for discovery to name a coordinator and aim at it; False if asked to stop."""
+        assert self.config.locate is not None
+        found = asyncio.ensure_future(self.config.locate())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({found, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            found.cancel()
+            stopping.cancel()
+        if not found.done() or found.cancelled():
+            return False
+        url, fingerprint = found.result()
+        if url != self.config.url:
+            log.info("discovered the coordinator at %s", url)
+        self.config = replace(self.config, url=url, fingerprint=fingerprint)
+        return True
 
     async def _pair(self, ws: ClientConnection) -> None:
         nonce = security.new_nonce()
@@ -281,6 +315,8 @@ class Agent:
                     slots=self.config.slots,
                     prefetch=self._prefetch(),
                     labels=self.config.labels,
+                    data=self.config.data,
+                    resources=self.config.resources or detect_resources(),
                     host=socket.gethostname(),
                     pid=os.getpid(),
                     provider=self.config.provider,
@@ -433,6 +469,10 @@ class Agent:
                 self._bye_reason = "drained"
                 self._patient = True
                 self.stop()
+        elif isinstance(msg, protocol.Deliver):
+            # to every running task's worker: handlers live there (herder.node)
+            for slot in self._slots:
+                slot.deliver(msg)
         else:
             raise protocol.ProtocolError(f"unexpected {type(msg).__name__}")
 
@@ -727,6 +767,47 @@ class Agent:
         )
         self._schedule_flush()
 
+    def _on_bus(self, a: protocol.Assignment, frame: dict[str, Any]) -> None:
+        """A running task's ``herder.task`` call: rides the next frame to the coordinator.
+
+        Best effort like live output: while disconnected they are dropped (a
+        progress note or an event is stale by the time the link is back).
+        A frame the protocol refuses (too big, a bad fraction) is dropped and
+        logged: ``herder.task`` checks the same limits, so only a task that
+        bypassed it gets here.
+        """
+        if self._ws is None:
+            return
+        msg: protocol.Send | protocol.Emit | protocol.Progress
+        try:
+            if frame["event"] == "progress":
+                msg = protocol.Progress(
+                    task_id=a.task_id,
+                    lease_id=a.lease_id,
+                    job_id=a.job_id,
+                    fraction=frame["fraction"],
+                    message=frame.get("message", ""),
+                )
+            elif frame["event"] == "emit":
+                msg = protocol.Emit(topic=frame["topic"], data=frame.get("data"), task_id=a.task_id)
+            else:
+                msg = protocol.Send(
+                    target=frame["target"],
+                    topic=frame["topic"],
+                    data=frame.get("data"),
+                    task_id=a.task_id,
+                )
+        except (ValueError, KeyError) as exc:
+            log.warning(
+                "task %s sent a bad bus frame: %s",
+                a.task_id,
+                exc,
+                extra={"action": "bus_refused", "task_id": a.task_id, "lease_id": a.lease_id},
+            )
+            return
+        self._out_bus.append(msg)
+        self._schedule_flush()
+
     def _schedule_flush(self) -> None:
         """Send on the next loop turn, so everything finished meanwhile shares one frame."""
         if not self._flush_scheduled:
@@ -745,6 +826,9 @@ class Agent:
         if self._out_output:
             messages.append(protocol.Output(chunks=self._out_output))
             self._out_output = []
+        if self._out_bus:
+            messages.extend(self._out_bus)
+            self._out_bus = []
         if self._out_results:
             messages.append(protocol.Results(items=self._out_results, prefetch=self._prefetch()))
             self._out_results = []

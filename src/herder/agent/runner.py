@@ -49,10 +49,13 @@ class Slot:
         context: dict[str, Any],
         on_output: Callable[[protocol.Assignment, str, bytes], None] | None = None,
         env: dict[str, str] | None = None,
+        on_bus: Callable[[protocol.Assignment, dict[str, Any]], None] | None = None,
     ) -> None:
         self.index = index
         self.context = context
         self._on_output = on_output
+        self._on_bus = on_bus  # a task's herder.task progress / emit / send frames
+        self.running: protocol.Assignment | None = None  # the task it runs now
         self._env = env
         self._command_groups: set[int] = set()  # process groups of commands now running
         self._proc: asyncio.subprocess.Process | None = None
@@ -104,6 +107,7 @@ class Slot:
         # A command's worker enforces the timeout on the run phase itself, so
         # that upload and cleanup still happen; a call is stopped from here.
         limit = task.timeout_s if task.command is None else None
+        self.running = task
         try:
             async with asyncio.timeout(limit):
                 await self._writer.drain()
@@ -137,6 +141,20 @@ class Slot:
                 "started_at": started,
                 "ended_at": time.time(),
             }
+        finally:
+            self.running = None
+
+    def deliver(self, message: protocol.Deliver) -> bool:
+        """Pass a bus message to the running task's worker (its ``herder.node`` handlers).
+
+        False when no task runs here: handlers live only as long as their task.
+        """
+        if self.running is None or self._writer is None:
+            return False
+        frame = {"deliver": message.topic, "data": message.data, "sender": message.sender}
+        body = msgpack.packb(frame, use_bin_type=True)
+        self._writer.write(struct.pack(">I", len(body)) + body)
+        return True
 
     async def _outcome(self, task: protocol.Assignment) -> dict[str, Any]:
         """Read frames until the task's outcome, noting the commands it starts
@@ -152,6 +170,10 @@ class Slot:
             if out.get("event") == "output":
                 if self._on_output is not None:
                     self._on_output(task, out["stream"], out["data"])
+                continue
+            if out.get("event") in ("progress", "emit", "send"):
+                if self._on_bus is not None:
+                    self._on_bus(task, out)
                 continue
             self._command_groups.clear()
             return out

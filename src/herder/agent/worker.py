@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
+import queue
 import signal
 import socket
 import struct
@@ -85,33 +85,14 @@ def run_call(payload: bytes, dep_results: dict[str, bytes]) -> dict[str, Any]:
 class _AgentWatch:
     """Ends the worker, and the command it runs, once the agent is gone.
 
-    The agent writes to the worker only between tasks, and a dead agent's
-    end of the socket is closed by the kernel: a thread that sees end of
-    file (by peeking, so it never takes a frame from the main thread)
-    kills the running command's process group, then the worker's own.
+    A dead agent's end of the socket is closed by the kernel; the channel's
+    reader thread sees end of file and calls :meth:`_end`, which kills the
+    running command's process group, then the worker's own.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self.command_group: int | None = None
-        threading.Thread(target=self._loop, name="herder-agent-watch", daemon=True).start()
-
-    def _loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN | select.POLLHUP)
-        while True:
-            if not poller.poll(1000):
-                continue
-            try:
-                if self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                    self._end()
-            except BlockingIOError:
-                pass  # the main thread took the frame first
-            except OSError:
-                self._end()  # the socket broke: the agent is gone all the same
-            # A frame for the main thread: look again in a while, so that a
-            # stream of small tasks wakes this thread at most 5 times a second.
-            time.sleep(0.2)
 
     def _end(self) -> NoReturn:
         for group in (self.command_group, os.getpid()):
@@ -128,10 +109,9 @@ class _Commands:
     connection is reused.
     """
 
-    def __init__(self, wfile: BinaryIO, watch: _AgentWatch) -> None:
-        self._wfile = wfile
+    def __init__(self, channel: _Channel, watch: _AgentWatch) -> None:
+        self._channel = channel  # the tailing thread writes frames too: it locks
         self._watch = watch
-        self._write_lock = threading.Lock()  # the tailing thread writes frames too
         self._data: Any = None
         self._data_key: tuple[str, str] | None = None
 
@@ -162,8 +142,7 @@ class _Commands:
         self._send({"event": "spawned", "pgid": pgid})
 
     def _send(self, frame: dict[str, Any]) -> None:
-        with self._write_lock:
-            _write_frame(self._wfile, frame)
+        self._channel.write(frame)
 
     def _client(self, data: dict[str, Any] | None) -> Any:
         if data is None:
@@ -179,23 +158,76 @@ class _Commands:
         return self._data
 
 
+class _Channel:
+    """The socket to the agent, read by one thread and written under a lock.
+
+    The reader thread takes every frame the agent sends: tasks go to the
+    main thread's queue, bus deliveries (``{"deliver": topic, ...}``) to
+    ``herder.node``'s dispatcher, so a running task's handlers get messages
+    while it runs. End of file means the agent is gone: if a task is running
+    its command group and the worker are killed (:class:`_AgentWatch`), else
+    the main thread is told to return.
+    """
+
+    def __init__(self, sock: socket.socket, watch: _AgentWatch) -> None:
+        self._rfile = sock.makefile("rb")
+        self.wfile = sock.makefile("wb")
+        self._watch = watch
+        self.lock = threading.Lock()
+        self.tasks: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.busy = False
+        threading.Thread(target=self._read, name="herder-worker-reader", daemon=True).start()
+
+    def write(self, frame: dict[str, Any]) -> None:
+        with self.lock:
+            _write_frame(self.wfile, frame)
+
+    def _read(self) -> None:
+        from herder import node
+
+        while True:
+            try:
+                frame = _read_frame(self._rfile)
+            except (OSError, ValueError):
+                frame = None  # a broken socket: the agent is gone all the same
+            if frame is None:
+                if self.busy:
+                    self._watch._end()
+                self.tasks.put(None)
+                return
+            if "deliver" in frame:
+                node._deliver(node.Message(frame["deliver"], frame.get("data"), frame["sender"]))
+            else:
+                self.tasks.put(frame)
+
+
 def main(fd: int) -> None:
+    from herder import node, task
+
     sock = socket.socket(fileno=fd)
-    rfile = sock.makefile("rb")
-    wfile = sock.makefile("wb")
-    commands = _Commands(wfile, _AgentWatch(sock))
+    watch = _AgentWatch(sock)
+    channel = _Channel(sock, watch)
+    commands = _Commands(channel, watch)
+    task._bind(channel.write)
     while True:
-        frame = _read_frame(rfile)
+        frame = channel.tasks.get()
         if frame is None:
             return
         started = time.time()
-        if frame["kind"] == "call":
-            out = run_call(frame["payload"], frame.get("dep_results") or {})
-        else:
-            out = commands.run(frame)
+        channel.busy = True
+        task._running.set()
+        try:
+            if frame["kind"] == "call":
+                out = run_call(frame["payload"], frame.get("dep_results") or {})
+            else:
+                out = commands.run(frame)
+        finally:
+            task._running.clear()
+            node._clear()
+            channel.busy = False
         out["started_at"] = started
         out["ended_at"] = time.time()
-        _write_frame(wfile, out)
+        channel.write(out)
 
 
 if __name__ == "__main__":

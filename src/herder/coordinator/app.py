@@ -18,10 +18,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from herder import protocol, security
+from herder.discovery.tracker import Registry, tracker_router
 from herder.errors import StoreError, SubmissionError, TaskFileError
-from herder.model import ID_PATTERN, ServiceRecord, TaskState, gc_paused
+from herder.model import ID_PATTERN, ServiceRecord, TaskRecord, TaskState, gc_paused
 from herder.taskfile import MAX_JOB_ID_LENGTH, TaskFileFormat, parse_tasks
 
+from .bus import answer_send, bus_router
 from .data_routes import data_router
 from .fleet_routes import fleet_router
 from .sessions import ClientSession
@@ -67,6 +69,9 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     app.include_router(data_router(coord), dependencies=auth)
     app.include_router(fleet_router(coord), dependencies=auth)
+    app.include_router(bus_router(coord), dependencies=auth)
+    if coord.discovery.serve_tracker:  # authenticated by HMAC per call, not by bearer
+        app.include_router(tracker_router(coord.secret, Registry()))
 
     @app.get("/v1/ca")
     async def ca() -> Response:
@@ -146,7 +151,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         rows = await coord.store.tasks(
             state=state, job_id=job, node_id=node, limit=limit, after=after
         )
-        return [r.model_dump(mode="json") for r in rows]
+        return [_with_reason(coord, r) for r in rows]
 
     @app.get("/v1/tasks/{task_id}", dependencies=auth)
     async def get_task(task_id: str) -> dict[str, Any]:
@@ -154,13 +159,14 @@ def create_app(coord: Coordinator) -> FastAPI:
         if record is None:
             raise HTTPException(404, f"no task {task_id}")
         return {
-            "task": record.model_dump(mode="json"),
+            "task": _with_reason(coord, record),
             "attempts": [a.model_dump(mode="json") for a in await coord.store.attempts(task_id)],
             "events": [
                 e.model_dump(mode="json")
                 for e in await coord.store.events(task_id=task_id, limit=1000)
             ],
             "live": coord.live.get(task_id),
+            "progress": p.as_json() if (p := coord.bus.progress.get(task_id)) else None,
         }
 
     @app.post("/v1/cancel", dependencies=auth)
@@ -178,7 +184,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         job = await coord.store.job(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
-        return _job_json(job)
+        return {**_job_json(job), "progress": coord.bus.job_progress(job_id)}
 
     @app.get("/v1/nodes", dependencies=auth)
     async def list_nodes() -> list[dict[str, Any]]:
@@ -187,6 +193,7 @@ def create_app(coord: Coordinator) -> FastAPI:
             d = n.model_dump(mode="json")
             live = coord.agents.get(n.id)
             d["running"] = len(live.outstanding) if live else 0
+            d["available"] = n.id not in coord.bus.paused
             out.append(d)
         return out
 
@@ -233,6 +240,8 @@ def create_app(coord: Coordinator) -> FastAPI:
                         except SubmissionError as exc:
                             error = str(exc)
                         await client.send(protocol.Submitted(req=msg.req, error=error))
+                    elif isinstance(msg, protocol.Send):
+                        await answer_send(coord, client, msg)
                     else:
                         coord.watch(client, msg.task_ids)
                         finals = await coord.store.finals(msg.task_ids)
@@ -285,3 +294,9 @@ def _job_json(job: Any) -> dict[str, Any]:
         "finished": job.finished,
         "failed": job.failed,
     }
+
+
+def _with_reason(coord: Coordinator, record: TaskRecord) -> dict[str, Any]:
+    """A task as JSON, with why it waits when the coordinator knows (``no node matches``)."""
+    reason = coord.waiting_reason(record)
+    return record.model_dump(mode="json") | ({"waiting_reason": reason} if reason else {})

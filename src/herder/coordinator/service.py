@@ -30,6 +30,9 @@ from fastapi import WebSocket
 from herder import protocol, security
 from herder.config import Settings
 from herder.datastore import Datastore
+from herder.discovery import DiscoveryOptions
+from herder.discovery.beacon import host_urls, run_beacon
+from herder.discovery.tracker import Entry, TrackerClient, announce_loop
 from herder.errors import InvalidTransition, StoreError, SubmissionError
 from herder.fleet import Fleet, NodeLoad
 from herder.herd import Herd
@@ -38,13 +41,17 @@ from herder.model import (
     NodeState,
     Reason,
     ServiceRecord,
+    TaskRecord,
     TaskSpec,
     TaskState,
+    constraint_key,
     labels_match,
 )
+from herder.selector import Facts, parse_key
 from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission, TaskResult
 from herder.store.sql import SqlStore
 
+from .bus import Bus
 from .live import LiveOutput
 from .sessions import AgentSession, ClientSession
 
@@ -75,8 +82,16 @@ class _Server(uvicorn.Server):
 class Coordinator:
     """One coordinator: ``async with Coordinator(settings) as c: await c.wait_stopped()``."""
 
-    def __init__(self, settings: Settings, *, herd: Herd | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        herd: Herd | None = None,
+        discovery: DiscoveryOptions | None = None,
+    ) -> None:
         self.settings = settings
+        # Off unless asked (``herder up`` asks by default): an embedded herd stays quiet.
+        self.discovery = discovery or DiscoveryOptions(beacon=False)
         self.store = SqlStore(settings.store_url)
         self.secret = security.load_or_create_secret(settings.secret_path)
         self.tls = security.ensure_tls(settings.tls_dir, [settings.listen_host])
@@ -99,6 +114,7 @@ class Coordinator:
         self._submissions: list[tuple[Submission, asyncio.Future[None]]] = []
         self._released: list[tuple[str, str]] = []
         self.live = LiveOutput()
+        self.bus = Bus(self)
         # task id -> the last health its agent reported (a cache: runs are
         # short-lived facts, the store keeps restarts and history)
         self._health: dict[str, protocol.HealthReport] = {}
@@ -202,6 +218,7 @@ class Coordinator:
                     tg.create_task(self._expiry_loop(), name="lease-expiry"),
                     tg.create_task(self.fleet.run(self._stopping), name="fleet"),
                 ]
+                loops += await self._discovery_loops(tg)
                 self._write_state_file()
                 log.info("coordinator ready at %s (store %s)", self.url, self.store.url)
                 self._ready.set()
@@ -214,6 +231,53 @@ class Coordinator:
                 self.settings.state_path.unlink()
             self._stopped.set()
             log.info("coordinator stopped")
+
+    async def _discovery_loops(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """Start the beacon and the tracker announcements that ``self.discovery`` asks for.
+
+        They run in the service's task group, so a loop that dies stops the
+        coordinator loudly; they are cancelled with the other loops at shutdown.
+        """
+        options = self.discovery
+        # Serving the tracker routes: announce there too, so agents asking it find us.
+        tracker_url = options.tracker_url or (self.url if options.serve_tracker else None)
+        if not options.beacon and tracker_url is None:
+            return []
+        cluster = await self.store.cluster_id()
+        port = self._sock.getsockname()[1]
+
+        def urls() -> list[str]:
+            if self.settings.advertise_url:
+                return [self.url]
+            return host_urls(port, self.settings.listen_host)
+
+        loops = []
+        if options.beacon:
+            beacon = run_beacon(
+                self.secret, cluster, self.fingerprint, urls, port=options.beacon_port
+            )
+            loops.append(tg.create_task(beacon, name="beacon"))
+            log.info("beacon on UDP port %d for cluster %s", options.beacon_port, cluster)
+        if tracker_url is not None:
+            tracker = TrackerClient(tracker_url, self.secret)
+
+            def entry() -> Entry:
+                return Entry(
+                    kind="coordinator",
+                    id=cluster,
+                    urls=urls(),
+                    fingerprint=self.fingerprint.hex(),
+                    cluster=cluster,
+                    data={"agents": len(self.agents)},
+                )
+
+            async def announce() -> None:
+                async with tracker:
+                    await announce_loop(tracker, entry)
+
+            loops.append(tg.create_task(announce(), name="tracker-announce"))
+            log.info("announcing to the tracker at %s", options.tracker_url)
+        return loops
 
     def _write_state_file(self) -> None:
         path = self.settings.state_path
@@ -267,6 +331,8 @@ class Coordinator:
         deadline = time.monotonic() + self.settings.timeouts.lost_after_s
         now = time.time()
         for node in await self.store.nodes():
+            if node.paused and node.state.is_alive:
+                self.bus.paused.add(node.id)
             if node.state in (NodeState.REQUESTED, NodeState.BOOTING):
                 continue  # still booting: its boot timeout decides
             if node.state.is_alive:
@@ -346,8 +412,10 @@ class Coordinator:
             self._completed += len(changes.finals)
             self._notify(changes.finals)
             self.live.drop(f.task_id for f in changes.finals)
+            self.bus.drop([f.task_id for f in changes.finals])
         if changes.requeued:
             self.live.drop(changes.requeued)
+            self.bus.drop(list(changes.requeued))
             for tid in changes.requeued:
                 self._health.pop(tid, None)
         for f in changes.finals:
@@ -481,11 +549,15 @@ class Coordinator:
             provider=existing.provider if existing else hello.provider,
             labels=hello.labels,
             slots=hello.slots,
+            data=hello.data,
+            resources=hello.resources,
             host=hello.host,
             pid=hello.pid,
             created_at=existing.created_at if existing else now,
             last_seen=now,
             reason=None,
+            address=existing.address if existing else None,
+            paused=existing.paused if existing else False,
         )
         await self.store.upsert_node(record)
         held = [(h.task_id, h.lease_id) for h in hello.held]
@@ -503,6 +575,7 @@ class Coordinator:
             labels=hello.labels,
             ws=ws,
             provider=record.provider,
+            facts=Facts(hello.node_id, hello.labels, hello.data, hello.resources),
         )
         task_of = dict((lid, tid) for tid, lid in held)
         session.outstanding = {lid: task_of[lid] for lid in adopted}
@@ -544,6 +617,7 @@ class Coordinator:
         if node is not None:
             session.record = node
             self.fleet.node_up(node)
+        self.bus.node_event("node_available", session.node_id)
         self._wake.set()
 
     async def _on_agent_message(self, session: AgentSession, msg: Any) -> None:
@@ -576,8 +650,11 @@ class Coordinator:
                     self._released.append((h.task_id, h.lease_id))
             session.settle()
             self._wake.set()
+        elif isinstance(msg, (protocol.Send, protocol.Emit, protocol.Progress)):
+            self.bus.on_agent(session, msg)
         elif isinstance(msg, protocol.Bye):
             session.draining = True
+            self.bus.node_event("node_unavailable", session.node_id, "leaving")
             session.bye = msg.reason
             log.info("agent %s leaving: %s", session.node_id, msg.reason)
             reason = session.leave_reason()
@@ -647,6 +724,8 @@ class Coordinator:
                     done.set_exception(error)
             outbox: dict[AgentSession, list[protocol._Msg]] = {}
             self._ack(batch, changes, outbox)
+            if any(session.holding for session, _ in batch):
+                self._wake.set()  # resources its results freed: claim for them next turn
             self._apply(changes)
             for req in requests:
                 got = claimed.get(req.node_id, [])
@@ -695,16 +774,40 @@ class Coordinator:
         for agent in self.agents.values():
             if agent.draining or agent.closed or not agent.ready:
                 continue
+            if agent.node_id in self.bus.paused:  # paused: finishes its work, takes none
+                continue
             free = agent.capacity - len(agent.outstanding) + finishing.get(agent.node_id, 0)
             if free > 0:
-                keys = [k for k in self._known_ckeys if labels_match(k, agent.labels)]
-                requests.append(ClaimRequest(agent.node_id, keys, free))
+                keys = [k for k in self._known_ckeys if agent.admit(k)]
+                if any(parse_key(k).resources for k in keys):
+                    # tasks that hold resources: only what fits in what is free now
+                    room = agent.free_resources()
+                    keys = [k for k in keys if parse_key(k).fits(room, 1)]
+                    requests.append(ClaimRequest(agent.node_id, keys, free, room))
+                else:
+                    requests.append(ClaimRequest(agent.node_id, keys, free))
         return requests
+
+    def waiting_reason(self, task: TaskRecord) -> str | None:
+        """Why a ready task is not placed, when no paired node could ever run it.
+
+        Checked when asked, against the nodes paired now (their labels,
+        data and total resources, not their load), so the reason clears as
+        soon as a matching node joins.
+        """
+        if task.state is not TaskState.READY:
+            return None
+        key = constraint_key(task.labels, task.select, task.resources)
+        if not key or any(a.admit(key) for a in self.agents.values() if not a.closed):
+            return None
+        return "no node matches"
 
     def _assign(self, agent: AgentSession, claimed: list[Claimed]) -> protocol.Assign:
         self._dispatched += len(claimed)
         for c in claimed:
             agent.outstanding[c.lease_id] = c.task_id
+            if c.ckey and (need := parse_key(c.ckey).resources):
+                agent.holding[c.lease_id] = need
             if c.service is not None:
                 agent.services.add(c.lease_id)
         agent.settle()
@@ -786,6 +889,7 @@ class Coordinator:
         if node is not None:
             log.info("node %s lost (%s): %d tasks requeued", node_id, reason, len(changes.requeued))
             self.fleet.node_down(node, reason)
+            self.bus.node_event("node_unavailable", node_id, reason)
         self._apply(changes)
 
     async def _terminated(self, session: AgentSession) -> None:
@@ -840,6 +944,7 @@ class Coordinator:
             return False
         agent.draining = True
         agent.drain_reason = reason
+        self.bus.node_event("node_unavailable", node_id, reason)
         await agent.send(protocol.Drain(leave=True, kill=kill))
         return True
 

@@ -15,6 +15,7 @@ from fastapi import WebSocket
 
 from herder import protocol
 from herder.model import NodeRecord, Reason
+from herder.selector import Facts, parse_key
 
 log = logging.getLogger("herder.coordinator")
 
@@ -40,6 +41,11 @@ class AgentSession:
     drain_reason: str | None = None  # why the fleet asked it to leave
     record: NodeRecord | None = None  # as stored when it became ready (for callbacks)
     services: set[str] = field(default_factory=set)  # lease ids of services it was given
+    facts: Facts = field(default_factory=Facts)  # what its selectors are evaluated on
+    # lease id -> the resources that lease holds (only leases that need some)
+    holding: dict[str, dict[str, float]] = field(default_factory=dict)
+    # placement key -> whether this node could ever run it (its facts do not change)
+    admits: dict[str, bool] = field(default_factory=dict)
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def settle(self) -> None:
@@ -71,6 +77,23 @@ class AgentSession:
     def finishing(self) -> int:
         """Leases it holds that will end by themselves: all but its services'."""
         return len(self.outstanding) - self._services_held()
+
+    def admit(self, key: str) -> bool:
+        """Whether this node could ever run tasks of placement ``key`` (cached)."""
+        ok = self.admits.get(key)
+        if ok is None:
+            ok = self.admits[key] = key == "" or parse_key(key).admits(self.facts)
+        return ok
+
+    def free_resources(self) -> dict[str, float]:
+        """Its resources minus what its outstanding leases hold."""
+        for lid in [lid for lid in self.holding if lid not in self.outstanding]:
+            del self.holding[lid]  # acknowledged, cancelled or handed back
+        free = dict(self.facts.resources)
+        for held in self.holding.values():
+            for name, amount in held.items():
+                free[name] = free.get(name, 0) - amount
+        return free
 
     def _services_held(self) -> int:
         self.services &= self.outstanding.keys()  # forget those acknowledged or handed back

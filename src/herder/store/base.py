@@ -48,6 +48,7 @@ class Claimed:
     # A service restarted after a short run waits this long on its node
     # before starting (its crash-loop delay, what is left of it at the claim).
     start_delay_s: float = 0.0
+    ckey: str = ""  # its placement key: the coordinator counts the resources it holds
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class ClaimRequest:
     node_id: str
     constraint_keys: list[str]
     limit: int
+    # What the node has free now, when some of ``constraint_keys`` need
+    # resources: the claim then takes only tasks that fit in it together.
+    free: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,10 @@ class Store(abc.ABC):
         self, moves: list[tuple[str, NodeState, str | None, str | None]], now: float
     ) -> tuple[list[NodeRecord], list[InvalidTransition]]:
         """Move many nodes in one transaction; illegal moves are returned, not made."""
+
+    @abc.abstractmethod
+    async def set_node_paused(self, node_id: str, paused: bool, now: float) -> bool:
+        """Pause or resume a node; False if there is no such node."""
 
     @abc.abstractmethod
     async def get_meta(self, key: str) -> str | None:

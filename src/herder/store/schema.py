@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Columns added since an earlier version: ``migrate`` adds them to a store of
 # that version (additive only, so an upgrade never rewrites a table).
@@ -136,6 +136,10 @@ nodes = sa.Table(
     sa.Column("reason", sa.String(256)),
     sa.Column("address", sa.String(256)),
     sa.Column("deadline", sa.Float),
+    # what the agent announced besides labels: free-form data and its resources
+    sa.Column("data", sa.JSON),
+    sa.Column("resources", sa.JSON),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 events = sa.Table(
@@ -156,6 +160,11 @@ ADDED_COLUMNS[3] = [
     ("tasks", sa.Column("restarts", sa.Integer, nullable=False, server_default="0")),
     ("nodes", sa.Column("address", sa.String(256))),
     ("nodes", sa.Column("deadline", sa.Float)),
+]
+ADDED_COLUMNS[4] = [
+    ("nodes", sa.Column("data", sa.JSON)),
+    ("nodes", sa.Column("resources", sa.JSON)),
+    ("nodes", sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false())),
 ]
 
 meta = sa.Table(

@@ -45,6 +45,7 @@ from herder.model import (
     sources,
     valid_id,
 )
+from herder.selector import parse_key
 from herder.store import schema
 from herder.store.base import (
     Changes,
@@ -192,8 +193,11 @@ class SqlStore(Store):
                 f"{min(schema.ADDED_COLUMNS) - 1} to {schema.SCHEMA_VERSION}: "
                 + ("upgrade herder" if found > schema.SCHEMA_VERSION else "start a new store")
             )
+        have = {t: {c["name"] for c in sa.inspect(conn).get_columns(t)} for t in ("tasks", "nodes")}
         for version in range(found + 1, schema.SCHEMA_VERSION + 1):
             for table, column in schema.ADDED_COLUMNS.get(version, []):
+                if column.name in have.get(table, set()):
+                    continue  # a half-upgraded store (or a test's partial downgrade)
                 ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
                 conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {ddl}"))
         conn.execute(
@@ -202,6 +206,20 @@ class SqlStore(Store):
             .values(value=str(schema.SCHEMA_VERSION))
         )
         log.info("store %s upgraded from schema %d to %d", self.url, found, schema.SCHEMA_VERSION)
+
+    async def set_node_paused(self, node_id: str, paused: bool, now: float) -> bool:
+        """Pause or resume a node (event ``node_paused``/``node_resumed``); False if
+        there is no such node."""
+
+        def _tx(conn: Connection) -> bool:
+            res = conn.execute(_n.update().where(_n.c.id == node_id).values(paused=paused))
+            if not res.rowcount:
+                return False
+            action = "node_paused" if paused else "node_resumed"
+            self._events(conn, now, [(action, None, node_id, None, {})])
+            return True
+
+        return await self._write(_tx)
 
     async def get_meta(self, key: str) -> str | None:
         def _tx(conn: Connection) -> str | None:
@@ -519,9 +537,16 @@ class SqlStore(Store):
             return []
         keys = sorted(set(req.constraint_keys))
         lease = {"node": req.node_id, "now": now}
-        if len(keys) == 1:
+        key_of: dict[str, str] = {}
+        params: dict[str, Any]
+        if req.free is not None and any(parse_key(k).resources for k in keys):
+            stmt, params = self._claim_fitting(conn, req, keys, key_of)
+            if not params["ids"]:
+                return []
+            params.update(lease)
+        elif len(keys) == 1:
             stmt = self._sql.claim_by_key
-            params: dict[str, Any] = {**lease, "key": keys[0], "limit": req.limit}
+            params = {**lease, "key": keys[0], "limit": req.limit}
         else:
             # ``ckey IN (...) ORDER BY priority, seq`` cannot be read off the
             # index in order: the database would sort every ready task of those
@@ -535,6 +560,7 @@ class SqlStore(Store):
             heads.sort(key=lambda r: (-r.priority, r.seq))
             stmt = self._sql.claim_by_ids
             params = {**lease, "ids": [r.id for r in heads[: req.limit]]}
+            key_of = {r.id: r.ckey for r in heads}
         rows = list(conn.execute(stmt, params))
         if not rows:
             return []
@@ -554,9 +580,39 @@ class SqlStore(Store):
                 name=r.name,
                 service=spec_of(r.service) if r.service else None,
                 start_delay_s=start_delay(r.service, now),
+                ckey=key_of.get(r.id, keys[0]),
             )
             for r in rows
         ]
+
+    def _claim_fitting(
+        self, conn: Connection, req: ClaimRequest, keys: list[str], key_of: dict[str, str]
+    ) -> tuple[Any, dict[str, Any]]:
+        """The ids to lease when tasks hold resources: by priority, each that still fits.
+
+        Reads at most ``limit`` (or as many as fit alone) from the head of
+        each key's range, then takes them in queue order while the node's
+        free resources last; a big task that does not fit lets a smaller,
+        later one through rather than leaving the node idle.
+        """
+        free = dict(req.free or {})
+        heads: list[Any] = []
+        for key in keys:
+            limit = parse_key(key).fits(free, req.limit)
+            if limit > 0:
+                heads.extend(conn.execute(self._sql.ready_head, {"key": key, "limit": limit}))
+        heads.sort(key=lambda r: (-r.priority, r.seq))
+        ids: list[str] = []
+        for r in heads:
+            need = parse_key(r.ckey).resources
+            if len(ids) >= req.limit:
+                break
+            if all(free.get(name, 0) + 1e-9 >= amount for name, amount in need.items()):
+                for name, amount in need.items():
+                    free[name] = free.get(name, 0) - amount
+                ids.append(r.id)
+                key_of[r.id] = r.ckey
+        return self._sql.claim_by_ids, {"ids": ids}
 
     def _dep_results(
         self, conn: Connection, task_ids: Sequence[str]
@@ -1542,7 +1598,16 @@ def _task_record(row: Any, depends_on: list[str]) -> TaskRecord:
         output=row.output,
         service=spec_of(row.service) if row.service else None,
         restarts=row.restarts or 0,
+        **_placement(row.ckey),
     )
+
+
+def _placement(ckey: str) -> dict[str, Any]:
+    """A task's selector and resources, read back from its placement key."""
+    if not ckey or "\x1e" not in ckey:
+        return {}
+    c = parse_key(ckey)
+    return {"select": str(c.select) if c.select else None, "resources": c.resources}
 
 
 def _node_record(row: Any) -> NodeRecord:
@@ -1560,4 +1625,7 @@ def _node_record(row: Any) -> NodeRecord:
         reason=row.reason,
         address=row.address,
         deadline=row.deadline,
+        data=row.data or {},
+        resources=row.resources or {},
+        paused=bool(row.paused),
     )

@@ -85,7 +85,7 @@ class HotStatements:
 
         # claims
         self.ready_head = (
-            sa.select(_t.c.id, _t.c.priority, _t.c.seq)
+            sa.select(_t.c.id, _t.c.priority, _t.c.seq, _t.c.ckey)
             .where(_t.c.state == READY, _t.c.ckey == sa.bindparam("key"))
             .order_by(_t.c.priority.desc(), _t.c.seq)
             .limit(sa.bindparam("limit"))

@@ -1,0 +1,85 @@
+"""``herder.task``: what code running as a herder task can tell the herd.
+
+``progress(0.4, "aligning")`` shows in ``herder task ID``, ``herder wait``
+and the client's ``future.progress``; ``emit(topic, data)`` reaches the
+clients' listeners; ``send(node_or_selector, topic, data)`` reaches the
+``herder.node.on`` handlers on other nodes, relayed by the coordinator.
+
+Each call writes one frame to the task's agent over the worker's socket,
+the way a command's output travels; the agent batches them into its next
+frame to the coordinator. Calls never block on the network. Outside a task
+(no worker) they raise :class:`RuntimeError`, so a mistake is not silent.
+``data`` is JSON-like and at most 64 KB once packed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+__all__ = ["emit", "in_task", "progress", "send"]
+
+MAX_DATA_BYTES = 64 * 1024  # as protocol.MAX_DATA_BYTES; checked here for a clear error
+
+_write: Callable[[dict[str, Any]], None] | None = None
+_running = threading.Event()
+
+
+def in_task() -> bool:
+    """Whether this code runs inside a herder task now."""
+    return _write is not None and _running.is_set()
+
+
+def progress(fraction: float, message: str = "") -> None:
+    """Report how far the task is: ``fraction`` from 0 to 1, and a short note."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"progress is a fraction from 0 to 1, not {fraction}")
+    _frame({"event": "progress", "fraction": float(fraction), "message": message[:500]})
+
+
+def emit(topic: str, data: Any = None) -> None:
+    """Send an event to the clients listening (``herd.on("emit", fn)``)."""
+    _frame({"event": "emit", "topic": _topic(topic), "data": _checked(data)})
+
+
+def send(target: str, topic: str, data: Any = None) -> None:
+    """Send to the ``herder.node.on(topic, ...)`` handlers of ``target``:
+    a node id, ``"all"`` or a selector."""
+    if not target:
+        raise ValueError("a target is a node id, 'all' or a selector")
+    _frame({"event": "send", "target": target, "topic": _topic(topic), "data": _checked(data)})
+
+
+def _topic(topic: str) -> str:
+    if not topic or len(topic) > 256:
+        raise ValueError("a topic is 1 to 256 characters")
+    return topic
+
+
+def _checked(data: Any) -> Any:
+    try:
+        size = len(msgpack.packb(data, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"data must be JSON-like (msgpack): {exc}") from exc
+    if size > MAX_DATA_BYTES:
+        raise ValueError(
+            f"data is {size} bytes packed; the bus carries at most {MAX_DATA_BYTES} "
+            "(put large values in the datastore and send their key)"
+        )
+    return data
+
+
+def _frame(frame: dict[str, Any]) -> None:
+    write = _write
+    if write is None or not _running.is_set():
+        raise RuntimeError("herder.task is only usable inside a running herder task")
+    write(frame)
+
+
+def _bind(write: Callable[[dict[str, Any]], None]) -> None:
+    """Called by the worker: where frames go (thread-safe writer to the agent)."""
+    global _write
+    _write = write
