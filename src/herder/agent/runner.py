@@ -61,25 +61,32 @@ class Slot:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._bus_writer: asyncio.StreamWriter | None = None
 
     async def _ensure(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
             return
+        # Tasks and results on one socket, bus deliveries on another: the
+        # worker's main thread reads tasks itself, a thread of its own the bus.
         ours, theirs = socket.socketpair()
+        bus_ours, bus_theirs = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "herder.agent.worker",
                 str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
+                str(bus_theirs.fileno()),
+                pass_fds=(theirs.fileno(), bus_theirs.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
                 env=self._env if self._env is not None else task_environment(),
             )
         finally:
             theirs.close()
+            bus_theirs.close()
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        _, self._bus_writer = await asyncio.open_unix_connection(sock=bus_ours)
 
     async def run(self, task: protocol.Assignment) -> dict[str, Any]:
         """Run ``task``; returns the worker's outcome map (never raises for task faults)."""
@@ -149,11 +156,11 @@ class Slot:
 
         False when no task runs here: handlers live only as long as their task.
         """
-        if self.running is None or self._writer is None:
+        if self.running is None or self._bus_writer is None:
             return False
         frame = {"deliver": message.topic, "data": message.data, "sender": message.sender}
         body = msgpack.packb(frame, use_bin_type=True)
-        self._writer.write(struct.pack(">I", len(body)) + body)
+        self._bus_writer.write(struct.pack(">I", len(body)) + body)
         return True
 
     async def _outcome(self, task: protocol.Assignment) -> dict[str, Any]:
@@ -201,6 +208,9 @@ class Slot:
         if self._writer is not None:
             self._writer.close()
             self._writer = self._reader = None
+        if self._bus_writer is not None:
+            self._bus_writer.close()
+            self._bus_writer = None
         if proc is None:
             return None
         with contextlib.suppress(ProcessLookupError):

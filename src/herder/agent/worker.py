@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import signal
 import socket
 import struct
@@ -159,58 +158,60 @@ class _Commands:
 
 
 class _Channel:
-    """The socket to the agent, read by one thread and written under a lock.
+    """The two sockets to the agent.
 
-    The reader thread takes every frame the agent sends: tasks go to the
-    main thread's queue, bus deliveries (``{"deliver": topic, ...}``) to
-    ``herder.node``'s dispatcher, so a running task's handlers get messages
-    while it runs. End of file means the agent is gone: if a task is running
-    its command group and the worker are killed (:class:`_AgentWatch`), else
-    the main thread is told to return.
+    Task frames come on ``sock`` and are read by the main thread itself,
+    between tasks (no thread hand-off on the hot path); results, output and
+    the task's bus frames go back on it, written under a lock (the tailing
+    thread writes too). Bus deliveries (``{"deliver": topic, ...}``) come on
+    ``bus``, read by a thread of their own so a running task's
+    ``herder.node`` handlers get messages while it runs. When the agent is
+    gone the kernel closes both: that thread sees end of file and, if a task
+    is running, kills its command group and the worker
+    (:class:`_AgentWatch`); an idle main thread sees it on ``sock``.
     """
 
-    def __init__(self, sock: socket.socket, watch: _AgentWatch) -> None:
-        self._rfile = sock.makefile("rb")
+    def __init__(self, sock: socket.socket, bus: socket.socket, watch: _AgentWatch) -> None:
+        self.rfile = sock.makefile("rb")
         self.wfile = sock.makefile("wb")
+        self._bus = bus.makefile("rb")
         self._watch = watch
         self.lock = threading.Lock()
-        self.tasks: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.busy = False
-        threading.Thread(target=self._read, name="herder-worker-reader", daemon=True).start()
+        threading.Thread(target=self._read_bus, name="herder-worker-bus", daemon=True).start()
 
     def write(self, frame: dict[str, Any]) -> None:
         with self.lock:
             _write_frame(self.wfile, frame)
 
-    def _read(self) -> None:
+    def _read_bus(self) -> None:
         from herder import node
 
         while True:
             try:
-                frame = _read_frame(self._rfile)
+                frame = _read_frame(self._bus)
             except (OSError, ValueError):
                 frame = None  # a broken socket: the agent is gone all the same
             if frame is None:
                 if self.busy:
                     self._watch._end()
-                self.tasks.put(None)
                 return
-            if "deliver" in frame:
-                node._deliver(node.Message(frame["deliver"], frame.get("data"), frame["sender"]))
-            else:
-                self.tasks.put(frame)
+            node._deliver(node.Message(frame["deliver"], frame.get("data"), frame["sender"]))
 
 
-def main(fd: int) -> None:
+def main(fd: int, bus_fd: int) -> None:
     from herder import node, task
 
     sock = socket.socket(fileno=fd)
     watch = _AgentWatch(sock)
-    channel = _Channel(sock, watch)
+    channel = _Channel(sock, socket.socket(fileno=bus_fd), watch)
     commands = _Commands(channel, watch)
     task._bind(channel.write)
     while True:
-        frame = channel.tasks.get()
+        try:
+            frame = _read_frame(channel.rfile)
+        except (OSError, ValueError):
+            return  # a broken socket: the agent is gone
         if frame is None:
             return
         started = time.time()
@@ -231,4 +232,4 @@ def main(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), int(sys.argv[2]))
