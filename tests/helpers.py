@@ -114,3 +114,17 @@ def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True, timeout=30)
+
+
+@contextlib.contextmanager
+def started_herd(nodes: int, *, slots: int = 1) -> Iterator[Any]:
+    """A LocalHerd with ``nodes`` agents ready (module fixtures share one)."""
+    from herder.local import LocalHerd
+
+    proc = LocalHerd(nodes=nodes, slots=slots)
+    proc.start()
+    try:
+        proc.wait_nodes()
+        yield proc
+    finally:
+        proc.stop()

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 
+import msgpack
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from herder import selector
@@ -193,6 +194,28 @@ def relative_path(value: str, field: str) -> str:
     if ".." in re.split(r"[/\\]", value):
         raise ValueError(f"{field} must not contain '..', got {value!r}")
     return value
+
+
+MAX_BUS_DATA_BYTES = 64 * 1024
+
+
+def check_bus_data(data: Any) -> Any:
+    """``data`` as sent on the event bus: JSON-like and at most 64 KB once packed.
+
+    Checked where the data is made (client, task) for a clear error at the
+    call, and again in the protocol, so no peer can push big blobs through
+    the bus: large things belong in the datastore.
+    """
+    try:
+        size = len(msgpack.packb(data, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"data must be JSON-like (msgpack): {exc}") from exc
+    if size > MAX_BUS_DATA_BYTES:
+        raise ValueError(
+            f"data is {size} bytes packed; the bus carries at most {MAX_BUS_DATA_BYTES} "
+            "(put large values in the datastore and send their key)"
+        )
+    return data
 
 
 class FetchSpec(BaseModel):

@@ -22,7 +22,7 @@ from pydantic import (
     ValidationError,
 )
 
-from herder.model import CommandSpec, ServiceSpec, TaskSpec
+from herder.model import CommandSpec, ServiceSpec, TaskSpec, check_bus_data
 
 VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -272,30 +272,10 @@ class Done(_Msg):
 
 # --- the event bus (agents and clients) -----------------------------------------
 
-MAX_DATA_BYTES = 64 * 1024
 TOPIC = Field(min_length=1, max_length=256)
 
 
-def check_data(data: Any) -> Any:
-    """``data`` as sent on the bus: JSON-like and at most 64 KB once packed.
-
-    Checked where the data is made (client, task) for a clear error at the
-    call, and again here, so no peer can push big blobs through the bus:
-    large things belong in the datastore.
-    """
-    try:
-        size = len(msgpack.packb(data, use_bin_type=True))
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ValueError(f"data must be JSON-like (msgpack): {exc}") from exc
-    if size > MAX_DATA_BYTES:
-        raise ValueError(
-            f"data is {size} bytes packed; the bus carries at most {MAX_DATA_BYTES} "
-            "(put large values in the datastore and send their key)"
-        )
-    return data
-
-
-BusData = Annotated[Any, AfterValidator(check_data)]
+BusData = Annotated[Any, AfterValidator(check_bus_data)]
 
 
 class Send(_Msg):

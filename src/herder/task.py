@@ -18,11 +18,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
+from herder.model import check_bus_data
 
 __all__ = ["emit", "in_task", "progress", "send"]
 
-MAX_DATA_BYTES = 64 * 1024  # as protocol.MAX_DATA_BYTES; checked here for a clear error
 
 _write: Callable[[dict[str, Any]], None] | None = None
 _running = threading.Event()
@@ -42,7 +41,7 @@ def progress(fraction: float, message: str = "") -> None:
 
 def emit(topic: str, data: Any = None) -> None:
     """Send an event to the clients listening (``herd.on("emit", fn)``)."""
-    _frame({"event": "emit", "topic": _topic(topic), "data": _checked(data)})
+    _frame({"event": "emit", "topic": _topic(topic), "data": check_bus_data(data)})
 
 
 def send(target: str, topic: str, data: Any = None) -> None:
@@ -50,26 +49,15 @@ def send(target: str, topic: str, data: Any = None) -> None:
     a node id, ``"all"`` or a selector."""
     if not target:
         raise ValueError("a target is a node id, 'all' or a selector")
-    _frame({"event": "send", "target": target, "topic": _topic(topic), "data": _checked(data)})
+    _frame(
+        {"event": "send", "target": target, "topic": _topic(topic), "data": check_bus_data(data)}
+    )
 
 
 def _topic(topic: str) -> str:
     if not topic or len(topic) > 256:
         raise ValueError("a topic is 1 to 256 characters")
     return topic
-
-
-def _checked(data: Any) -> Any:
-    try:
-        size = len(msgpack.packb(data, use_bin_type=True))
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ValueError(f"data must be JSON-like (msgpack): {exc}") from exc
-    if size > MAX_DATA_BYTES:
-        raise ValueError(
-            f"data is {size} bytes packed; the bus carries at most {MAX_DATA_BYTES} "
-            "(put large values in the datastore and send their key)"
-        )
-    return data
 
 
 def _frame(frame: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import pytest
 import herder
 from herder.client import Client, HerdEvent
 from herder.local import LocalHerd
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, started_herd, wait_for
 from tests.helpers import herder as run_cli
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the tasks below travel by value
@@ -24,13 +24,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the tasks below t
 
 @pytest.fixture(scope="module")
 def herd_proc() -> Iterator[LocalHerd]:
-    proc = LocalHerd(nodes=2, slots=1)
-    proc.start()
-    proc.wait_nodes()
-    try:
+    with started_herd(2, slots=1) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -16,18 +16,13 @@ import herder
 from herder.client import AsyncClient, RemoteTraceback
 from herder.errors import SubmissionError, TaskCancelled, TaskError, TaskTimeout
 from herder.local import LocalHerd
-from tests.helpers import agent_pids, db_rows, succeeded_attempts, wait_for
+from tests.helpers import agent_pids, db_rows, started_herd, succeeded_attempts, wait_for
 
 
 @pytest.fixture(scope="module")
 def herd_proc() -> Iterator[LocalHerd]:
-    proc = LocalHerd(nodes=2, slots=2)
-    proc.start()
-    proc.wait_nodes()
-    try:
+    with started_herd(2, slots=2) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
