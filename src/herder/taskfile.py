@@ -563,17 +563,10 @@ def _read_service(raw: dict[Any, Any], entry: _Entry) -> None:
 
 
 def _health(value: object) -> list[str] | str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise _Invalid(f"health[{i}]", f"must be a string, got {_describe(item)}")
-        return list(value)
-    raise _Invalid(
+    return _argv_or_shell(
+        value,
         "health",
-        "must be a URL (http:// or https://), a command as a list of strings or a string "
-        f"run by sh -c, got {_describe(value)}",
+        "a URL (http:// or https://), a command as a list of strings or a string run by sh -c",
     )
 
 
@@ -698,17 +691,19 @@ def _check_placeholders(template: _Entry, keys: list[str]) -> None:
 
 
 def _run(value: object) -> list[str] | str:
+    return _argv_or_shell(value, "run", "a list of strings (argv) or a string (run by sh -c)")
+
+
+def _argv_or_shell(value: object, field: str, expected: str) -> list[str] | str:
+    """A command as argv (a list of strings) or as a string for ``sh -c``."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                raise _Invalid(f"run[{i}]", f"must be a string, got {_describe(item)}")
+                raise _Invalid(f"{field}[{i}]", f"must be a string, got {_describe(item)}")
         return list(value)
-    raise _Invalid(
-        "run",
-        f"must be a list of strings (argv) or a string (run by sh -c), got {_describe(value)}",
-    )
+    raise _Invalid(field, f"must be {expected}, got {_describe(value)}")
 
 
 def _check_run(run: list[str] | str) -> None:
