@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from herder.cli_data import data_app
+from herder.cli_release import release_app
 from herder.errors import HerderError
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(release_app, name="release")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -185,6 +187,15 @@ def up(
     serve_tracker: Annotated[
         bool, typer.Option(help="Also serve the tracker routes (/v1/announce, /v1/hosts).")
     ] = False,
+    fleet_release: Annotated[
+        str | None,
+        typer.Option(
+            "--release",
+            envvar="HERDER_FLEET_RELEASE",
+            help="The fleet's release: every node loads it before taking work "
+            "(else [fleet] release in herder.toml).",
+        ),
+    ] = None,
 ) -> None:
     """Run a coordinator in the foreground (SIGTERM, `herder down`, --stop-file: a clean stop)."""
     from herder.config import load_settings
@@ -193,7 +204,9 @@ def up(
     from herder.herd import load_herd, local_herd
 
     _setup_logging(log_level, log_format, log_file, log_file_max_mb)
-    settings = load_settings(_env(home), store_url=store, listen=listen)
+    settings = load_settings(
+        _env(home), store_url=store, listen=listen, fleet_release=fleet_release
+    )
     if herd is not None and local:
         raise _fail("give either --herd or --local, not both")
     try:
@@ -414,6 +427,28 @@ def agent(
         typer.Option(help="With discovery: the cluster secret (else HERDER_SECRET or --join)."),
     ] = None,
     beacon_port: Annotated[int, typer.Option(envvar="HERDER_BEACON_PORT", hidden=True)] = 7421,
+    release_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HERDER_RELEASE_DIR",
+            help="Where releases are installed (default: ~/.cache/herder/releases).",
+        ),
+    ] = None,
+    release_cache_gb: Annotated[
+        float,
+        typer.Option(
+            envvar="HERDER_RELEASE_CACHE_GB",
+            min=0,
+            help="Evict the least recently used releases beyond this size.",
+        ),
+    ] = 10.0,
+    find_links: Annotated[
+        list[str] | None,
+        typer.Option(help="A wheelhouse (directory or URL) releases install from (repeat)."),
+    ] = None,
+    no_index: Annotated[
+        bool, typer.Option(help="Install releases from --find-links only (offline).")
+    ] = False,
 ) -> None:
     """Run an agent: pair with a coordinator and run its tasks."""
     if ctx.invoked_subcommand is not None:
@@ -469,6 +504,10 @@ def agent(
         spot_poll_s=spot_poll_s,
         orphan_action="shutdown" if orphan_action == "shutdown" else "exit",
         shutdown_command=shutdown_argv,
+        release_dir=release_dir,
+        release_cache_bytes=int(release_cache_gb * 2**30),
+        find_links=tuple(find_links or ()),
+        no_index=no_index,
     )
 
     async def main() -> int:

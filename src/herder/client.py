@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections import deque
@@ -47,13 +48,20 @@ from herder.errors import (
     ConnectionLost,
     DependencyFailed,
     HerderError,
+    ReleaseError,
     SubmissionError,
     TaskCancelled,
     TaskError,
     TaskLost,
     TaskTimeout,
 )
-from herder.model import CommandSpec, ServiceSpec, TaskRef, TaskSpec, new_id
+from herder.model import (
+    CommandSpec,
+    ServiceSpec,
+    TaskRef,
+    TaskSpec,
+    new_id,
+)
 from herder.selector import Facts
 from herder.selector import evaluate as evaluate_selector
 from herder.selector import parse as parse_selector
@@ -535,6 +543,7 @@ class AsyncClient:
         service: bool | ServiceSpec | None = None,
         select: str | None = None,
         resources: Mapping[str, float] | None = None,
+        release: str | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a node. Futures among the arguments are dependencies.
@@ -563,6 +572,7 @@ class AsyncClient:
             timeout_s=timeout,
             labels=dict(labels or {}),
             run_on_failure=run_on_failure,
+            release=release,
             **_placement(select, resources),
         )
         return self._enqueue(self._job(job), None, spec)
@@ -588,6 +598,7 @@ class AsyncClient:
         grace_s: float | None = None,
         select: str | None = None,
         resources: Mapping[str, float] | None = None,
+        release: str | None = None,
     ) -> TaskFuture:
         """Run a program (argv, no shell) or a ``sh -c`` string; the result is its output.
 
@@ -616,6 +627,7 @@ class AsyncClient:
             timeout_s=timeout,
             labels=dict(labels or {}),
             service=_service_spec(service, {k: v for k, v in checks.items() if v is not None}),
+            release=release,
             **_placement(select, resources),
         )
         return self._enqueue(self._job(job), None, spec)
@@ -679,9 +691,10 @@ class AsyncClient:
         priority: int = 0,
         select: str | None = None,
         resources: Mapping[str, float] | None = None,
+        release: str | None = None,
     ) -> list[T]:
         """``[fn(x) for x in iterable]`` on the herd, results in order; one job."""
-        placement = _placement(select, resources)
+        placement = {**_placement(select, resources), "release": release}
         job_id = job or new_id("j")
         fn_name = getattr(fn, "__name__", None)
         futs: list[TaskFuture] = []
@@ -842,6 +855,81 @@ class AsyncClient:
         result: dict[str, Any] = await self._get("/v1/fleet")
         return result
 
+    # --- releases ---------------------------------------------------------------------
+
+    async def release(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        requirements: Iterable[str] = (),
+        requirements_file: str | os.PathLike[str] | None = None,
+        python: str | None = None,
+        exclude: Iterable[str] = (),
+        find_links: Iterable[str] = (),
+        no_index: bool = False,
+        git: str | None = None,
+        rev: str | None = None,
+        wheel: str | os.PathLike[str] | None = None,
+    ) -> str:
+        """Build a release (a directory, ``git``+``rev``, or a ``wheel``) and store it;
+        returns its id. The same input gives the same id, and is stored once.
+
+        A local ``find_links`` directory is bundled (nodes install offline from
+        it with ``no_index``); URLs are passed to the installer as they are.
+        """
+        from herder.bundle import Source, build  # pathspec and tar only when used
+
+        source = Source(
+            path=Path(path) if path is not None else None,
+            git=git,
+            rev=rev,
+            wheel=Path(wheel) if wheel is not None else None,
+            requirements=tuple(requirements),
+            requirements_file=Path(requirements_file) if requirements_file else None,
+            python=python,
+            exclude=tuple(exclude),
+            find_links=tuple(find_links),
+            no_index=no_index,
+        )
+        with tempfile.TemporaryDirectory(prefix="herder-release-") as out:
+            built = await asyncio.to_thread(build, source, Path(out))
+            await asyncio.to_thread(self.data.put_file, built.key, built.bundle)
+        response = await self.http.post(
+            "/v1/releases",
+            content=built.manifest.model_dump_json(),
+            headers={"content-type": "application/json"},
+        )
+        registered: dict[str, Any] = _json(response, refused=ReleaseError)
+        return str(registered["id"])
+
+    async def releases(self) -> list[dict[str, Any]]:
+        """Every release, newest first; ``fleet`` marks the fleet's."""
+        result: list[dict[str, Any]] = await self._get("/v1/releases")
+        return result
+
+    async def release_info(self, release_id: str) -> dict[str, Any]:
+        """A release's manifest, what still uses it, and the nodes that have it installed."""
+        response = await self.http.get(f"/v1/releases/{release_id}")
+        result: dict[str, Any] = _json(response, refused=ReleaseError)
+        return result
+
+    async def remove_release(self, release_id: str) -> None:
+        """Delete a release; ReleaseError (nothing changed) while tasks or the fleet use it."""
+        response = await self.http.delete(f"/v1/releases/{release_id}")
+        if response.status_code != 204:
+            _json(response, refused=ReleaseError)
+
+    async def roll(self, release_id: str) -> dict[str, Any]:
+        """Make ``release_id`` the fleet's release: new tasks run in it, nodes load it now."""
+        response = await self.http.post(f"/v1/releases/{release_id}/roll")
+        result: dict[str, Any] = _json(response, refused=ReleaseError)
+        return result
+
+    async def release_status(self) -> dict[str, Any]:
+        """The fleet's release and, per node, the releases installed and loading."""
+        result: dict[str, Any] = await self._get("/v1/releases/status")
+        return result
+
     async def scale(self, target: int | None) -> int | None:
         """Keep ``target`` nodes (None: back to the herd's own policy)."""
         result: int | None = (await self._post("/v1/fleet/scale", {"target": target}))["target"]
@@ -898,14 +986,17 @@ class AsyncClient:
         await self._post("/v1/shutdown", {})
 
 
-def _json(response: httpx.Response) -> Any:
+def _json(response: httpx.Response, refused: type[HerderError] = SubmissionError) -> Any:
+    """The answer's JSON; a refusal (400, 404, 409, 422) raises ``refused`` with the reason."""
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
-        if response.status_code in (400, 409, 422):
-            raise SubmissionError(f"{detail}")
+        if response.status_code in (400, 409, 422) or (
+            response.status_code == 404 and refused is not SubmissionError
+        ):
+            raise refused(f"{detail}")
         raise HerderError(f"coordinator answered {response.status_code}: {detail}")
     return response.json()
 
@@ -1117,6 +1208,25 @@ class Client:
 
     def scale(self, target: int | None) -> int | None:
         return self._run(self._async.scale(target))
+
+    def release(self, path: str | os.PathLike[str] | None = None, **options: Any) -> str:
+        """As :meth:`AsyncClient.release`."""
+        return self._run(self._async.release(path, **options))
+
+    def releases(self) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.releases())
+
+    def release_info(self, release_id: str) -> dict[str, Any]:
+        return self._run(self._async.release_info(release_id))
+
+    def remove_release(self, release_id: str) -> None:
+        self._run(self._async.remove_release(release_id))
+
+    def roll(self, release_id: str) -> dict[str, Any]:
+        return self._run(self._async.roll(release_id))
+
+    def release_status(self) -> dict[str, Any]:
+        return self._run(self._async.release_status())
 
     def drain(self, node_id: str) -> None:
         self._run(self._async.drain(node_id))

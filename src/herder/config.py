@@ -8,6 +8,7 @@ without touching ``os.environ``. Precedence: explicit overrides (CLI options)
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from herder.errors import ConfigError
+from herder.model import RELEASE_ID_PATTERN
 
 DEFAULT_PORT = 7420
 
@@ -41,6 +43,8 @@ class Settings:
     # Passed to the fsspec filesystem, e.g. ``{endpoint_url = "http://..."}`` for S3.
     datastore_options: dict[str, Any] = field(default_factory=dict)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # ``[fleet] release``: the release every node loads before it takes work
+    fleet_release: str | None = None
 
     @property
     def secret_path(self) -> Path:
@@ -88,6 +92,17 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _release_id(value: Any, path: Path) -> str:
+    if not isinstance(value, str) or not re.match(RELEASE_ID_PATTERN, value):
+        raise ConfigError(
+            f"{path}: [fleet] release must be a release id like r-0123456789abcdef0123 "
+            f"(herder release create prints one), not {value!r}",
+            path=str(path),
+            field="release",
+        )
+    return value
+
+
 def default_home(env: Mapping[str, str]) -> Path:
     if env.get("HERDER_HOME"):
         return Path(env["HERDER_HOME"]).expanduser()
@@ -118,6 +133,14 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
             data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{toml_path}: {exc}", path=str(toml_path)) from exc
+        for key, value in data.get("fleet", {}).items():
+            if key != "release":
+                raise ConfigError(
+                    f"{toml_path}: [fleet] has an unknown key {key!r} (it knows: release)",
+                    path=str(toml_path),
+                    field=key,
+                )
+            values["fleet_release"] = _release_id(value, toml_path)
         section = data.get("coordinator", {})
         for key, value in section.items():
             if key in _TOP_KEYS:

@@ -13,6 +13,7 @@
     ├── StoreError                the database failed; wraps the driver's error
     │   └── SchemaMismatch        the store's schema is not the one this code knows
     ├── ProviderError             a provider could not create or destroy a node
+    ├── ReleaseError              a release could not be built, found or installed
     ├── DatastoreError            the datastore failed (names the key or path)
     │   ├── BadKey                a key (or prefix) that breaks the key rules
     │   ├── ObjectMissing         no object under this key
@@ -85,6 +86,10 @@ class SchemaMismatch(StoreError):
 
 class ProviderError(HerderError):
     """A provider could not create or destroy a node."""
+
+
+class ReleaseError(HerderError):
+    """The release could not be built, found or installed."""
 
 
 class DatastoreError(HerderError):

@@ -47,6 +47,9 @@ class Herd:
     target: int | None = None  # a fixed count; None: autoscale between min and max
     slots: int = 1  # slots of each node the provider starts
     labels: ClassVar[dict[str, str]] = {}  # labels of each node the provider starts
+    # a release (``herder release create``) every node loads before it takes work,
+    # and that tasks naming none run in; None: ``[fleet] release``, or none
+    release: str | None = None
     boot_timeout_s: float = 300.0  # a node not paired by then is terminated and replaced
     reconcile_s: float = 1.0
     scale_up_after_s: float = 2.0

@@ -142,6 +142,7 @@ class Reason(enum.StrEnum):
     BOOT_TIMEOUT = "boot timeout"
     PROVIDER_ERROR = "provider error"
     INIT_FAILED = "init_node failed"
+    RELEASE_FAILED = "release failed"  # the fleet's release could not be installed
     PROCESS_EXITED = "process exited"
     ORPHAN = "orphan"
     SCALED_DOWN = "scaled down"
@@ -155,6 +156,8 @@ class Reason(enum.StrEnum):
 # Identifiers
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# a release id: "r-" and the start of the sha256 of its content (herder.releases)
+RELEASE_ID_PATTERN = r"^r-[0-9a-f]{20}$"
 _ID_RE = re.compile(ID_PATTERN)
 
 
@@ -400,6 +403,9 @@ class TaskSpec(BaseModel):
     # which nodes may run it (herder.selector) and what it holds while it runs
     select: str | None = Field(default=None, max_length=selector.MAX_SELECTOR)
     resources: dict[str, float] = Field(default_factory=dict)
+    # the release (herder.releases) whose environment it runs in; None: the
+    # fleet's release when it was submitted, or the agent's own environment
+    release: str | None = Field(default=None, pattern=RELEASE_ID_PATTERN)
 
     @field_validator("select")
     @classmethod
@@ -489,6 +495,14 @@ class TaskRef:
 
 
 # ---------------------------------------------------------------------------
+# Releases (herder.releases keeps the manifest; the same pattern is there)
+
+
+def is_release_id(value: str) -> bool:
+    return bool(re.match(RELEASE_ID_PATTERN, value))
+
+
+# ---------------------------------------------------------------------------
 # Records (what the store returns)
 
 
@@ -519,6 +533,7 @@ class TaskRecord(BaseModel):
     restarts: int = 0
     select: str | None = None  # canonical text of its selector
     resources: dict[str, float] = Field(default_factory=dict)
+    release: str | None = None
     # why a ready task is not running, when the coordinator knows (not stored)
     waiting_reason: str | None = None
 

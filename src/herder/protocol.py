@@ -22,7 +22,13 @@ from pydantic import (
     ValidationError,
 )
 
-from herder.model import CommandSpec, ServiceSpec, TaskSpec, check_bus_data
+from herder.model import (
+    RELEASE_ID_PATTERN,
+    CommandSpec,
+    ServiceSpec,
+    TaskSpec,
+    check_bus_data,
+)
 
 VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -108,6 +114,9 @@ class Heartbeat(_Msg):
     prefetch: int | None = Field(default=None, ge=0, le=100_000)
     telemetry: dict[str, float] | None = None  # cpu %, memory, disk, load (psutil)
     health: list[HealthReport] | None = None  # the node's running services with a check
+    # releases in the node's cache (most recently used first) and those it is installing
+    releases: list[str] | None = None
+    loading: list[str] | None = None
 
 
 class Started(_Msg):
@@ -206,6 +215,7 @@ class Assignment(_Msg):
     name: str | None = None  # with job_id, where a command's outputs go
     service: ServiceSpec | None = None  # kept running: health-checked, restarted by the store
     start_delay_s: float = Field(default=0.0, ge=0)  # wait this long in the slot, then start
+    release: str | None = Field(default=None, pattern=RELEASE_ID_PATTERN)  # its environment
 
 
 class Assign(_Msg):
@@ -231,6 +241,28 @@ class Drain(_Msg):
     t: Literal["drain"] = "drain"
     leave: bool = False
     kill: bool = False
+
+
+class LoadRelease(_Msg):
+    """Install this release now (the fleet's release: before the node takes work,
+    or on a roll-out); answered with :class:`ReleaseLoaded`."""
+
+    t: Literal["load_release"] = "load_release"
+    release: str = Field(pattern=RELEASE_ID_PATTERN)
+
+
+class ReleaseLoaded(_Msg):
+    """A release is ready on the node (``error`` None) or could not be installed.
+
+    Sent for every :class:`LoadRelease`, and the first time a task's release
+    is made ready in this agent; ``cached``: it was installed already.
+    """
+
+    t: Literal["release_loaded"] = "release_loaded"
+    release: str = Field(pattern=RELEASE_ID_PATTERN)
+    seconds: float = Field(ge=0)
+    cached: bool = False
+    error: str | None = Field(default=None, max_length=16_384)
 
 
 # --- client <-> coordinator (session channel) -------------------------------
@@ -354,11 +386,22 @@ class Event(_Msg):
 
 
 AgentMessage = Annotated[
-    Hello | Proof | Heartbeat | Started | Results | Output | Release | Bye | Send | Emit | Progress,
+    Hello
+    | Proof
+    | Heartbeat
+    | Started
+    | Results
+    | Output
+    | Release
+    | Bye
+    | Send
+    | Emit
+    | Progress
+    | ReleaseLoaded,
     Field(discriminator="t"),
 ]
 CoordinatorMessage = Annotated[
-    Challenge | Welcome | Refuse | Assign | Ack | Cancel | Drain | Deliver,
+    Challenge | Welcome | Refuse | Assign | Ack | Cancel | Drain | Deliver | LoadRelease,
     Field(discriminator="t"),
 ]
 ClientMessage = Annotated[Submit | Watch | Send, Field(discriminator="t")]

@@ -81,6 +81,7 @@ from herder.model import (
     TaskSpec,
     find_cycle,
     gc_paused,
+    is_release_id,
     new_id,
     relative_path,
 )
@@ -128,6 +129,7 @@ TASK_FIELDS = (
     "replicas",
     "select",
     "resources",
+    "release",
 )
 # The settings of a service, as ServiceSpec names them; only with ``service = true``.
 SERVICE_FIELDS = ("health", "health_s", "health_timeout_s", "unhealthy_after", "grace_s")
@@ -470,6 +472,7 @@ class _Entry:
     replicas: int | None = None
     select: str | None = None  # canonical selector text
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    release: str | None = None  # the release it runs in (herder release create)
 
 
 _Matrix = list[tuple[str, list[str]]]
@@ -529,6 +532,7 @@ def _read_fields(raw: dict[Any, Any], index: int) -> tuple[_Entry, _Matrix | Non
         keep_scratch=bool(keep_scratch),
         select=_select(raw.get("select")),
         resources=_resources(raw.get("resources")),
+        release=_release(raw.get("release")),
     )
     _read_service(raw, entry)
     return entry, _matrix(raw.get("matrix"))
@@ -815,6 +819,18 @@ def _select(value: object) -> str | None:
         return selector.canonical(value)
     except selector.SelectorError as exc:
         raise _Invalid("select", str(exc)) from exc
+
+
+def _release(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_release_id(value):
+        raise _Invalid(
+            "release",
+            "must be a release id like r-0123456789abcdef0123 (herder release create "
+            f"prints it), got {_describe(value)}",
+        )
+    return value
 
 
 def _resources(value: object) -> dict[str, float]:
@@ -1120,4 +1136,5 @@ def _spec(entry: _Entry, task_id: str, depends_on: list[str]) -> TaskSpec:
         service=None if entry.service is None else ServiceSpec.model_validate(entry.service),
         select=entry.select,
         resources=entry.resources,
+        release=entry.release,
     )

@@ -30,6 +30,12 @@ running tasks, hands every lease back at once (``Release`` with
 says goodbye as ``spot interruption`` and exits 0. With ``orphan_action``
 ``shutdown``, an agent whose coordinator stayed away for ``orphan_after_s``
 runs ``shutdown_command`` after leaving, so an orphaned machine stops billing.
+
+A task that names a release runs in that release's environment (see
+:mod:`herder.agent.environments`): its slot's worker is started with the
+release's Python, and keeps it while the next tasks name the same release.
+The fleet's release is installed when the coordinator asks (``LoadRelease``),
+before the node takes work and again on a roll-out.
 """
 
 from __future__ import annotations
@@ -55,10 +61,12 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from herder import protocol, security
-from herder.errors import AuthenticationError, PinningError, SecurityError
+from herder.errors import AuthenticationError, PinningError, ReleaseError, SecurityError
 from herder.model import Reason
+from herder.releases.cache import ReleaseCache
 
 from . import telemetry
+from .environments import Environments
 from .health import Health, HealthCheck, watch
 from .phases import attempt_dir
 from .resources import detect_resources
@@ -113,6 +121,14 @@ class AgentConfig:
     # its (url, CA fingerprint); asked again whenever a connection fails, so a
     # coordinator that moved is followed. None: ``url`` is fixed.
     locate: Callable[[], Awaitable[tuple[str, bytes]]] | None = None
+    # Where releases are installed (shared by agents on one machine: each release
+    # is installed once); None: ~/.cache/herder/releases. Older ones are evicted
+    # beyond release_cache_bytes. find_links / no_index: where the node's own
+    # wheelhouse is, for installs without an index (offline).
+    release_dir: Path | None = None
+    release_cache_bytes: int = 10 * 2**30
+    find_links: tuple[str, ...] = ()
+    no_index: bool = False
 
 
 class Agent:
@@ -154,6 +170,17 @@ class Agent:
         self._to_release: list[protocol.HeldLease] = []  # killed for it, to hand back
         self._patient = False  # leaving for a drain: running tasks end on their own
         self._health: dict[str, tuple[protocol.Assignment, Health]] = {}  # running services
+        self._out_releases: list[protocol.ReleaseLoaded] = []
+        self._environments = Environments(
+            ReleaseCache(
+                config.release_dir or Path.home() / ".cache" / "herder" / "releases",
+                max_bytes=config.release_cache_bytes,
+                find_links=config.find_links,
+                no_index=config.no_index,
+            ),
+            self._task_context,
+            self._release_loaded,
+        )
 
     def _prefetch(self) -> int:
         """How many tasks to hold queued beyond the slots.
@@ -469,12 +496,35 @@ class Agent:
                 self._bye_reason = "drained"
                 self._patient = True
                 self.stop()
+        elif isinstance(msg, protocol.LoadRelease):
+            self._background(self._load_release(msg.release))
         elif isinstance(msg, protocol.Deliver):
             # to every running task's worker: handlers live there (herder.node)
             for slot in self._slots:
                 slot.deliver(msg)
         else:
             raise protocol.ProtocolError(f"unexpected {type(msg).__name__}")
+
+    async def _load_release(self, release_id: str) -> None:
+        """The coordinator asked for the release (the fleet's): install it, say how it went."""
+        with contextlib.suppress(ReleaseError):  # reported to the coordinator by ensure()
+            await self._environments.ensure(release_id, report=True)
+
+    def _release_loaded(
+        self, release_id: str, seconds: float, cached: bool, error: str | None
+    ) -> None:
+        if error is not None:
+            log.warning("release %s could not be installed: %s", release_id, error)
+        else:
+            log.info(
+                "release %s ready in %.2fs%s", release_id, seconds, " (cached)" if cached else ""
+            )
+        self._out_releases.append(
+            protocol.ReleaseLoaded(
+                release=release_id, seconds=seconds, cached=cached, error=error and error[-16_000:]
+            )
+        )
+        self._schedule_flush()
 
     async def _heartbeat_loop(self, ws: ClientConnection) -> None:
         while True:
@@ -485,6 +535,8 @@ class Agent:
                 prefetch=self._prefetch(),
                 telemetry=telemetry.sample(self._task_context["scratch_root"]),
                 health=health or None,
+                releases=self._environments.installed(),
+                loading=self._environments.loading,
             )
             await ws.send(protocol.encode(beat))
             await asyncio.sleep(self._heartbeat_s)
@@ -640,7 +692,13 @@ class Agent:
             if a.start_delay_s > 0:  # a restarted service's back-off: not started yet
                 await asyncio.sleep(a.start_delay_s)
             handle = loop.call_later(STARTED_REPORT_DELAY_S, self._report_started, a)
-            out = await (self._run_service(slot, a) if a.service is not None else slot.run(a))
+            failed = await self._enter_release(slot, a)
+            if failed is not None:
+                out = failed
+            elif a.service is not None:
+                out = await self._run_service(slot, a)
+            else:
+                out = await slot.run(a)
         except asyncio.CancelledError:
             if a.lease_id in self._interrupted:
                 self._interrupted.discard(a.lease_id)
@@ -664,6 +722,28 @@ class Agent:
         self._unacked[a.lease_id] = item
         self._out_results.append(item)
         self._schedule_flush()
+
+    async def _enter_release(self, slot: Slot, a: protocol.Assignment) -> dict[str, Any] | None:
+        """Put ``slot`` in the task's release (installing it if need be); the failed
+        outcome if it cannot be installed, with the installer's output."""
+        if slot.release_id == a.release:
+            return None
+        started = time.time()
+        if a.release is None:
+            await slot.switch(None, None)
+            return None
+        try:
+            installed, hold = await self._environments.acquire(a.release)
+        except ReleaseError as exc:
+            return {
+                "state": "failed",
+                "reason": Reason.RELEASE_FAILED.value,
+                "error": {"type": "ReleaseError", "message": str(exc)},
+                "started_at": started,
+                "ended_at": time.time(),
+            }
+        await slot.switch(installed, hold)
+        return None
 
     async def _run_service(self, slot: Slot, a: protocol.Assignment) -> dict[str, Any]:
         """Run a service in ``slot`` while checking its health; the outcome map.
@@ -829,6 +909,9 @@ class Agent:
         if self._out_bus:
             messages.extend(self._out_bus)
             self._out_bus = []
+        if self._out_releases:
+            messages.extend(self._out_releases)
+            self._out_releases = []
         if self._out_results:
             messages.append(protocol.Results(items=self._out_results, prefetch=self._prefetch()))
             self._out_results = []

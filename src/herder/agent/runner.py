@@ -24,6 +24,7 @@ import msgpack
 
 from herder import protocol
 from herder.agent.phases import attempt_dir
+from herder.releases.cache import Hold, Installed
 
 # Variables that carry the cluster secret: never passed on to a worker, so no
 # task (nor any program a task runs) can read the join token from its environment.
@@ -33,6 +34,19 @@ SECRET_VARIABLES = frozenset({"HERDER_JOIN", "HERDER_TOKEN"})
 def task_environment() -> dict[str, str]:
     """The agent's environment less the secret, for its workers."""
     return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+
+
+def release_environment(base: dict[str, str], env: Installed) -> dict[str, str]:
+    """``base`` as a task in release ``env`` sees it: the release's ``bin`` first on
+    the PATH (so ``python`` is the release's), as an activated virtualenv would."""
+    bin_dir = str(env.python.parent)
+    return {
+        **base,
+        "VIRTUAL_ENV": str(env.python.parent.parent),
+        "PATH": bin_dir + os.pathsep + base.get("PATH", os.defpath),
+        "HERDER_RELEASE": env.release_id,
+        "HERDER_RELEASE_DIR": str(env.source),
+    }
 
 
 class Slot:
@@ -62,17 +76,37 @@ class Slot:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._bus_writer: asyncio.StreamWriter | None = None
+        # the release its worker runs in (None: the agent's own environment), held in use
+        self._release: Installed | None = None
+        self._hold: Hold | None = None
+
+    @property
+    def release_id(self) -> str | None:
+        return self._release.release_id if self._release is not None else None
+
+    async def switch(self, release: Installed | None, hold: Hold | None) -> None:
+        """Run the next tasks in ``release``: the worker is replaced, the old release
+        let go (it may be evicted once no slot holds it)."""
+        await self.kill()
+        if self._hold is not None:
+            self._hold.release()
+        self._release, self._hold = release, hold
 
     async def _ensure(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
             return
+        base = self._env if self._env is not None else task_environment()
+        python = sys.executable
+        if self._release is not None:
+            python = str(self._release.python)
+            base = release_environment(base, self._release)
         # Tasks and results on one socket, bus deliveries on another: the
         # worker's main thread reads tasks itself, a thread of its own the bus.
         ours, theirs = socket.socketpair()
         bus_ours, bus_theirs = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
+                python,
                 "-m",
                 "herder.agent.worker",
                 str(theirs.fileno()),
@@ -80,7 +114,7 @@ class Slot:
                 pass_fds=(theirs.fileno(), bus_theirs.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
-                env=self._env if self._env is not None else task_environment(),
+                env=base,
             )
         finally:
             theirs.close()
@@ -218,7 +252,7 @@ class Slot:
         return await proc.wait()
 
     async def close(self) -> None:
-        await self.kill()
+        await self.switch(None, None)
 
 
 def _describe_exit(code: int | None) -> str:

@@ -26,6 +26,7 @@ from herder.taskfile import MAX_JOB_ID_LENGTH, TaskFileFormat, parse_tasks
 from .bus import answer_send, bus_router
 from .data_routes import data_router
 from .fleet_routes import fleet_router
+from .release_routes import release_router
 from .sessions import ClientSession
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     app.include_router(data_router(coord), dependencies=auth)
     app.include_router(fleet_router(coord), dependencies=auth)
+    app.include_router(release_router(coord), dependencies=auth)
     app.include_router(bus_router(coord), dependencies=auth)
     if coord.discovery.serve_tracker:  # authenticated by HMAC per call, not by bearer
         app.include_router(tracker_router(coord.secret, Registry()))

@@ -47,15 +47,20 @@ from herder.model import (
     constraint_key,
     labels_match,
 )
+from herder.releases.manifest import Manifest
 from herder.selector import Facts, parse_key
 from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission, TaskResult
 from herder.store.sql import SqlStore
 
 from .bus import Bus
 from .live import LiveOutput
+from .releases import ReleaseCatalog
 from .sessions import AgentSession, ClientSession
 
 log = logging.getLogger("herder.coordinator")
+
+# How long a node may take to install the fleet's release before it is given up on.
+RELEASE_LOAD_TIMEOUT_S = 30 * 60.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Coordinator:
         self.ca_pem = self.tls.ca_cert.read_bytes()
         self.fingerprint = security.ca_fingerprint(self.ca_pem)
         self.datastore = Datastore(settings.datastore, settings.datastore_options)
+        self.releases = ReleaseCatalog(self.datastore, self.store)
         self._sock = self._bind()
         port = self._sock.getsockname()[1]
         self.url = settings.url.rsplit(":", 1)[0] + f":{port}"
@@ -196,6 +202,7 @@ class Coordinator:
         try:
             await self._recover()
             await self.fleet.start(self.settings.home)
+            await self.releases.start(self.declared_release)
             config = uvicorn.Config(
                 create_app(self),
                 ssl_certfile=str(self.tls.cert),
@@ -361,6 +368,13 @@ class Coordinator:
         """
         if self.is_stopping:
             raise SubmissionError("the coordinator is shutting down", status=503)
+        await self.releases.check(specs)
+        fleet_release = self.releases.fleet_release
+        if fleet_release is not None:  # bound now: a later roll-out does not move it
+            specs = [
+                s if s.release is not None else s.model_copy(update={"release": fleet_release})
+                for s in specs
+            ]
         if watcher is not None:
             self.watch(watcher, [s.id for s in specs])
         self._known_ckeys.update(s.constraint_key() for s in specs)
@@ -602,8 +616,13 @@ class Coordinator:
         return session
 
     async def _prepare(self, session: AgentSession, record: NodeRecord) -> None:
-        """The herd's ``init_node`` step; then the node is ``ready`` and takes work."""
+        """The herd's ``init_node`` step and the fleet's release; then the node is
+        ``ready`` and takes work."""
         if not await self.fleet.prepare(record):
+            return
+        release = self.releases.fleet_release
+        if release is not None and not await self._load_release(session, release):
+            await self.fleet.terminate(session.node_id, Reason.RELEASE_FAILED)
             return
         if session.closed or self.agents.get(session.node_id) is not session:
             return
@@ -620,6 +639,74 @@ class Coordinator:
         self.bus.node_event("node_available", session.node_id)
         self._wake.set()
 
+    async def _load_release(self, session: AgentSession, release: str) -> bool:
+        """Have the node install ``release`` and wait until it has (False: it could not,
+        or it went away meanwhile)."""
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        session.release_waiters.setdefault(release, []).append(done)
+        await session.send(protocol.LoadRelease(release=release))
+        deadline = time.monotonic() + RELEASE_LOAD_TIMEOUT_S
+        while not done.done():
+            if session.closed or time.monotonic() > deadline:
+                return False
+            await asyncio.wait({done}, timeout=1.0)
+        return done.result() is None
+
+    async def roll_release(self, release_id: str) -> Manifest:
+        """Make ``release_id`` the fleet's release: new tasks run in it, and every
+        node starts installing it now (tasks running in the old one finish there)."""
+        manifest = await self.releases.roll(release_id, self.declared_release)
+        await self.store.add_event("release_rolled", time.time(), data={"release": release_id})
+        for session in list(self.agents.values()):
+            if not session.closed:
+                await session.send(protocol.LoadRelease(release=release_id))
+        return manifest
+
+    def release_status(self) -> list[dict[str, Any]]:
+        """Per connected node: the releases in its cache and those it is installing."""
+        return [
+            {
+                "node": s.node_id,
+                "name": s.name,
+                "installed": s.releases,
+                "loading": s.loading,
+                "fleet_release_ready": self.releases.fleet_release in s.releases,
+            }
+            for s in sorted(self.agents.values(), key=lambda s: s.node_id)
+        ]
+
+    @property
+    def declared_release(self) -> str | None:
+        """The release the herd (or ``[fleet] release``) names for the fleet."""
+        return self.fleet.herd.release or self.settings.fleet_release
+
+    async def _release_loaded(self, session: AgentSession, msg: protocol.ReleaseLoaded) -> None:
+        if msg.error is None:
+            if msg.release not in session.releases:
+                session.releases = [msg.release, *session.releases]
+            await self.store.add_event(
+                "release_ready",
+                time.time(),
+                node_id=session.node_id,
+                data={"release": msg.release, "seconds": msg.seconds, "cached": msg.cached},
+            )
+        else:
+            log.warning(
+                "node %s could not install release %s: %s",
+                session.node_id,
+                msg.release,
+                msg.error,
+            )
+            await self.store.add_event(
+                "release_failed",
+                time.time(),
+                node_id=session.node_id,
+                data={"release": msg.release, "seconds": msg.seconds, "error": msg.error},
+            )
+        for waiter in session.release_waiters.pop(msg.release, []):
+            if not waiter.done():
+                waiter.set_result(msg.error)
+
     async def _on_agent_message(self, session: AgentSession, msg: Any) -> None:
         if isinstance(msg, (protocol.Heartbeat, protocol.Results)) and msg.prefetch is not None:
             session.prefetch = msg.prefetch
@@ -632,6 +719,11 @@ class Coordinator:
             for report in msg.health or ():
                 if report.lease_id in session.outstanding:
                     self._health[report.task_id] = report
+            if msg.releases is not None:
+                session.releases = msg.releases
+                session.loading = msg.loading or []
+        elif isinstance(msg, protocol.ReleaseLoaded):
+            await self._release_loaded(session, msg)
         elif isinstance(msg, protocol.Started):
             self._started.extend(
                 (h.task_id, h.lease_id) for h in msg.leases if h.lease_id in session.outstanding
@@ -826,6 +918,7 @@ class Coordinator:
                     name=c.name,
                     service=c.service,
                     start_delay_s=c.start_delay_s,
+                    release=c.release,
                 )
                 for c in claimed
             ]

@@ -46,6 +46,11 @@ class AgentSession:
     holding: dict[str, dict[str, float]] = field(default_factory=dict)
     # placement key -> whether this node could ever run it (its facts do not change)
     admits: dict[str, bool] = field(default_factory=dict)
+    # releases in its cache (most recently used first) and being installed, as it reported
+    releases: list[str] = field(default_factory=list)
+    loading: list[str] = field(default_factory=list)
+    # release id -> futures of those waiting for it to load there (a ReleaseLoaded error or None)
+    release_waiters: dict[str, list[asyncio.Future[str | None]]] = field(default_factory=dict)
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def settle(self) -> None:

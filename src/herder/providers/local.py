@@ -89,6 +89,8 @@ class LocalProvider(Provider):
                     self.name,
                     "--orphan-after",
                     str(min(launch.orphan_after_s, ORPHAN_AFTER_S)),
+                    "--release-dir",  # one cache for the herd's local agents: installed once
+                    str(self._registry.parent / "releases"),
                     *labels,
                     env=env,
                     stdin=asyncio.subprocess.DEVNULL,

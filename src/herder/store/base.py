@@ -49,6 +49,7 @@ class Claimed:
     # before starting (its crash-loop delay, what is left of it at the claim).
     start_delay_s: float = 0.0
     ckey: str = ""  # its placement key: the coordinator counts the resources it holds
+    release: str | None = None  # the release whose environment it runs in
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def finished_since(self, since: float) -> int:
         """How many tasks finished at or after ``since`` (for throughput)."""
+
+    @abc.abstractmethod
+    async def release_users(self, release_id: str) -> dict[str, int]:
+        """Tasks not yet finished that run in ``release_id``, counted by state."""
 
     # --- nodes and events ----------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Columns added since an earlier version: ``migrate`` adds them to a store of
 # that version (additive only, so an upgrade never rewrites a table).
@@ -55,6 +55,7 @@ tasks = sa.Table(
     # {"spec": ServiceSpec, "backoff_s": ..., "restart_at": ..., "last_exit": ...}
     sa.Column("service", sa.JSON(none_as_null=True)),
     sa.Column("restarts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("release", sa.String(32)),  # the release it runs in (NULL: none)
 )
 
 _ready = tasks.c.state == "ready"
@@ -79,7 +80,9 @@ ix_tasks_service = sa.Index(
     sqlite_where=_service,
     postgresql_where=_service,
 )
-ADDED_INDEXES = [ix_tasks_service]
+# ``herder release rm`` asks whether any task not yet finished names a release.
+ix_tasks_release = sa.Index("ix_tasks_release", tasks.c.release, tasks.c.state)
+ADDED_INDEXES = [ix_tasks_service, ix_tasks_release]
 sa.Index(
     "ix_tasks_node_active",
     tasks.c.node_id,
@@ -165,6 +168,9 @@ ADDED_COLUMNS[4] = [
     ("nodes", sa.Column("data", sa.JSON)),
     ("nodes", sa.Column("resources", sa.JSON)),
     ("nodes", sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false())),
+]
+ADDED_COLUMNS[5] = [
+    ("tasks", sa.Column("release", sa.String(32))),
 ]
 
 meta = sa.Table(

@@ -407,6 +407,7 @@ class SqlStore(Store):
                         "payload": s.payload,
                         "command": _command_json(s.command),
                         "service": service_column(s.service),
+                        "release": s.release,
                         "n_deps": len(s.depends_on),
                         "pending_deps": pending,
                         "run_on_failure": s.run_on_failure,
@@ -581,6 +582,7 @@ class SqlStore(Store):
                 service=spec_of(r.service) if r.service else None,
                 start_delay_s=start_delay(r.service, now),
                 ckey=key_of.get(r.id, keys[0]),
+                release=r.release,
             )
             for r in rows
         ]
@@ -1324,6 +1326,18 @@ class SqlStore(Store):
 
         return await self._read(_tx)
 
+    async def release_users(self, release_id: str) -> dict[str, int]:
+        def _tx(conn: Connection) -> Any:
+            unfinished = [s.value for s in TaskState if not s.is_final]
+            res = conn.execute(
+                sa.select(_t.c.state, sa.func.count())
+                .where(_t.c.release == release_id, _t.c.state.in_(unfinished))
+                .group_by(_t.c.state)
+            )
+            return {s: n for s, n in res}
+
+        return await self._read(_tx)
+
     async def finished_since(self, since: float) -> int:
         def _tx(conn: Connection) -> Any:
             res = conn.execute(
@@ -1598,6 +1612,7 @@ def _task_record(row: Any, depends_on: list[str]) -> TaskRecord:
         output=row.output,
         service=spec_of(row.service) if row.service else None,
         restarts=row.restarts or 0,
+        release=row.release,
         **_placement(row.ckey),
     )
 

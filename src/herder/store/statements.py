@@ -42,6 +42,7 @@ _LEASE_COLUMNS = (
     _t.c.job_id,
     _t.c.name,
     _t.c.service,
+    _t.c.release,
 )
 
 
