@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from herder.cli_data import data_app
+from herder.cli_query import register_query_commands
 from herder.cli_release import release_app
 from herder.errors import HerderError
 
@@ -44,6 +45,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(release_app, name="release")
+register_query_commands(app)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -720,14 +722,39 @@ def terminate(node: Annotated[str, typer.Argument(help="Node id.")], home: HomeO
 def tasks(
     home: HomeOpt = None,
     state: Annotated[str | None, typer.Option(help="Only tasks in this state.")] = None,
+    pending: Annotated[bool, typer.Option("--pending", help="Waiting or ready.")] = False,
+    running: Annotated[bool, typer.Option("--running", help="Leased or running.")] = False,
+    finished: Annotated[
+        bool, typer.Option("--finished", help="Succeeded, failed or cancelled.")
+    ] = False,
     job: Annotated[str | None, typer.Option(help="Only tasks of this job.")] = None,
+    node: Annotated[str | None, typer.Option(help="Only tasks on this node.")] = None,
+    name: Annotated[str | None, typer.Option(help="Only names matching this glob.")] = None,
     limit: Annotated[int, typer.Option()] = 50,
+    after: Annotated[
+        str | None, typer.Option(help="The page after this task id (the last one shown).")
+    ] = None,
+    newest: Annotated[bool, typer.Option("--newest", help="Newest first.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """List tasks."""
+    """List tasks, a page at a time, in submission order."""
+    groups = [
+        g for g, on in (("pending", pending), ("running", running), ("finished", finished)) if on
+    ]
+    if len(groups) > 1 or (groups and state):
+        raise _fail("give one of --state, --pending, --running, --finished")
     with _client(home) as herd:
         try:
-            rows = herd.tasks(state=state, job=job, limit=limit)
+            rows = herd.tasks(
+                state=state,
+                states=groups[0] if groups else None,
+                job=job,
+                node=node,
+                name=name,
+                limit=limit,
+                after=after,
+                order="desc" if newest else "asc",
+            )
         except HerderError as exc:
             raise _fail(str(exc)) from exc
     if as_json:

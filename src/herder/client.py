@@ -947,15 +947,98 @@ class AsyncClient:
         self,
         *,
         state: str | None = None,
+        states: str | None = None,
         job: str | None = None,
         node: str | None = None,
+        name: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        order: str = "asc",
     ) -> list[dict[str, Any]]:
+        """A page of tasks in submission order (``order="desc"``: newest first).
+
+        Filters: ``state`` (one), ``states`` (``pending``, ``running`` or
+        ``finished``), ``job``, ``node``, ``name`` (a glob). The next page:
+        ``after=`` the last id of this one, same filters and order.
+        """
         result: list[dict[str, Any]] = await self._get(
-            "/v1/tasks", state=state, job=job, node=node, limit=limit, after=after
+            "/v1/tasks",
+            state=state,
+            states=states,
+            job=job,
+            node=node,
+            name=name,
+            limit=limit,
+            after=after,
+            order=order,
         )
         return result
+
+    async def tasks_pending(self, **filters: Any) -> list[dict[str, Any]]:
+        """Tasks waiting on dependencies or ready for a slot (filters as :meth:`tasks`)."""
+        return await self.tasks(states="pending", **filters)
+
+    async def tasks_running(self, **filters: Any) -> list[dict[str, Any]]:
+        """Tasks leased to a node or running there."""
+        return await self.tasks(states="running", **filters)
+
+    async def tasks_finished(self, **filters: Any) -> list[dict[str, Any]]:
+        """Tasks that succeeded, failed or were cancelled."""
+        return await self.tasks(states="finished", **filters)
+
+    async def finished(self, job: str, **filters: Any) -> list[dict[str, Any]]:
+        """The finished tasks of ``job`` (a page; ``after=`` for the next)."""
+        return await self.tasks(states="finished", job=job, **filters)
+
+    async def executors(self) -> list[dict[str, Any]]:
+        """Nodes alive: state, labels, slots used and free, running tasks, last telemetry."""
+        result: list[dict[str, Any]] = await self._get("/v1/executors")
+        return result
+
+    async def resource_usage(self, window_s: float = 60.0) -> dict[str, Any]:
+        """Per node and in total: resource use now, and average and peak over the window."""
+        result: dict[str, Any] = await self._get("/v1/usage", window_s=window_s)
+        return result
+
+    async def telemetry(
+        self, node: str, window_s: float = 600.0, task: str | None = None
+    ) -> dict[str, Any]:
+        """A node's readings over the window (1 s points up to 10 min, 1 min beyond);
+        with ``task``, that task's own readings (``herder.task.telemetry``)."""
+        result: dict[str, Any] = await self._get(
+            "/v1/telemetry", node=node, window_s=window_s, task=task
+        )
+        return result
+
+    async def timeline(
+        self, job: str | None = None, since: float | None = None, limit: int = 5000
+    ) -> list[dict[str, Any]]:
+        """Attempts as (node, start, end, state), oldest first: a task stream."""
+        result: list[dict[str, Any]] = await self._get(
+            "/v1/timeline", job=job, since=since, limit=limit
+        )
+        return result
+
+    async def logs(
+        self, task: TaskFuture | Future | str, stream: str = "stdout", attempt: int | None = None
+    ) -> str:
+        """What the task wrote to ``stream`` so far (all of it once it finished)."""
+        page = await self._get(f"/v1/tasks/{_task_id(task)}/logs", stream=stream, attempt=attempt)
+        return str(page["data"])
+
+    async def follow_logs(
+        self, task: TaskFuture | Future | str, stream: str = "stdout", every_s: float = 0.5
+    ) -> AsyncIterator[str]:
+        """The task's output as it is written, until the task is done (``herder logs -f``)."""
+        offset = 0
+        while True:
+            page = await self._get(f"/v1/tasks/{_task_id(task)}/logs", stream=stream, offset=offset)
+            if page["data"]:
+                yield page["data"]
+            offset = page["offset"]
+            if page["done"]:
+                return
+            await asyncio.sleep(every_s)
 
     async def task(self, task_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._get(f"/v1/tasks/{task_id}")
@@ -1274,6 +1357,51 @@ class Client:
 
     def tasks(self, **filters: Any) -> builtins.list[dict[str, Any]]:
         return self._run(self._async.tasks(**filters))
+
+    def tasks_pending(self, **filters: Any) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.tasks_pending(**filters))
+
+    def tasks_running(self, **filters: Any) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.tasks_running(**filters))
+
+    def tasks_finished(self, **filters: Any) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.tasks_finished(**filters))
+
+    def finished(self, job: str, **filters: Any) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.finished(job, **filters))
+
+    def executors(self) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.executors())
+
+    def resource_usage(self, window_s: float = 60.0) -> dict[str, Any]:
+        return self._run(self._async.resource_usage(window_s))
+
+    def telemetry(
+        self, node: str, window_s: float = 600.0, task: str | None = None
+    ) -> dict[str, Any]:
+        return self._run(self._async.telemetry(node, window_s, task))
+
+    def timeline(
+        self, job: str | None = None, since: float | None = None, limit: int = 5000
+    ) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.timeline(job, since, limit))
+
+    def logs(self, task: Future | str, stream: str = "stdout", attempt: int | None = None) -> str:
+        """As :meth:`AsyncClient.logs`."""
+        return self._run(self._async.logs(task, stream, attempt))
+
+    def follow_logs(self, task: Future | str, stream: str = "stdout") -> Iterator[str]:
+        """Blocking: the task's output as it is written, until the task is done."""
+        pages = self._async.follow_logs(task, stream)
+
+        async def next_page() -> str | None:
+            try:
+                return await anext(pages)
+            except StopAsyncIteration:
+                return None
+
+        while (chunk := self._run(next_page())) is not None:
+            yield chunk
 
     def task(self, task_id: str) -> dict[str, Any]:
         return self._run(self._async.task(task_id))

@@ -506,7 +506,7 @@ class Fleet:
         return node
 
     async def _node(self, node_id: str) -> NodeRecord | None:
-        return {n.id: n for n in await self.store.nodes()}.get(node_id)
+        return await self.store.node(node_id)
 
     async def _end(self, node: NodeRecord, reason: str) -> None:
         """Record the node terminated for ``reason`` and destroy its machine."""

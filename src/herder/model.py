@@ -627,6 +627,7 @@ class JobSummary(BaseModel):
     name: str | None
     created_at: float
     counts: dict[str, int]
+    started_at: float | None = None  # when its first task was leased
 
     @property
     def total(self) -> int:

@@ -112,7 +112,8 @@ class Heartbeat(_Msg):
     t: Literal["hb"] = "hb"
     leases: list[str] = Field(default_factory=list)
     prefetch: int | None = Field(default=None, ge=0, le=100_000)
-    telemetry: dict[str, float] | None = None  # cpu %, memory, disk, load (psutil)
+    # cpu %, memory, disk, load, network, GPUs (herder.agent.telemetry)
+    telemetry: dict[str, float] | None = Field(default=None, max_length=256)
     health: list[HealthReport] | None = None  # the node's running services with a check
     # releases in the node's cache (most recently used first) and those it is installing
     releases: list[str] | None = None
@@ -346,6 +347,15 @@ class Progress(_Msg):
     message: str = Field(default="", max_length=500)
 
 
+class TaskTelemetry(_Msg):
+    """A running task's own readings (``herder.task.telemetry``)."""
+
+    t: Literal["task_telemetry"] = "task_telemetry"
+    task_id: str
+    lease_id: str
+    readings: dict[str, float] = Field(max_length=64)
+
+
 class Deliver(_Msg):
     """A bus message for this node's handlers (``herder.node.on``); ``sender``:
     the node id it came from, or ``"client"``."""
@@ -397,7 +407,8 @@ AgentMessage = Annotated[
     | Send
     | Emit
     | Progress
-    | ReleaseLoaded,
+    | ReleaseLoaded
+    | TaskTelemetry,
     Field(discriminator="t"),
 ]
 CoordinatorMessage = Annotated[

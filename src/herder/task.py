@@ -3,7 +3,9 @@
 ``progress(0.4, "aligning")`` shows in ``herder task ID``, ``herder wait``
 and the client's ``future.progress``; ``emit(topic, data)`` reaches the
 clients' listeners; ``send(node_or_selector, topic, data)`` reaches the
-``herder.node.on`` handlers on other nodes, relayed by the coordinator.
+``herder.node.on`` handlers on other nodes, relayed by the coordinator;
+``telemetry({"loss": 0.3})`` adds the task's own readings to the node's
+time series (``GET /v1/telemetry?node=N&task=T``).
 
 Each call writes one frame to the task's agent over the worker's socket,
 the way a command's output travels; the agent batches them into its next
@@ -20,7 +22,9 @@ from typing import Any
 
 from herder.model import check_bus_data
 
-__all__ = ["emit", "in_task", "progress", "send"]
+__all__ = ["emit", "in_task", "progress", "send", "telemetry"]
+
+MAX_READINGS = 64  # keys per telemetry call
 
 
 _write: Callable[[dict[str, Any]], None] | None = None
@@ -52,6 +56,24 @@ def send(target: str, topic: str, data: Any = None) -> None:
     _frame(
         {"event": "send", "target": target, "topic": _topic(topic), "data": check_bus_data(data)}
     )
+
+
+def telemetry(readings: dict[str, float]) -> None:
+    """Record the task's own numbers (``{"loss": 0.3, "step": 1200}``) with the node's.
+
+    Names are 1 to 64 characters; values are numbers. Readings within one
+    second are merged (the last value of a name wins).
+    """
+    if not isinstance(readings, dict) or not 0 < len(readings) <= MAX_READINGS:
+        raise ValueError(f"telemetry takes a dict of 1 to {MAX_READINGS} name: number readings")
+    clean: dict[str, float] = {}
+    for name, value in readings.items():
+        if not isinstance(name, str) or not 0 < len(name) <= 64:
+            raise ValueError(f"telemetry: a reading's name is 1 to 64 characters, not {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"telemetry: {name} must be a number, not {type(value).__name__}")
+        clean[name] = float(value)
+    _frame({"event": "telemetry", "readings": clean})
 
 
 def _topic(topic: str) -> str:

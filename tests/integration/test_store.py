@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from herder.errors import InvalidTransition, SubmissionError
 from herder.model import NodeRecord, NodeState, TaskSpec, TaskState
-from herder.store.base import Changes, Claimed, ClaimRequest, Submission, TaskResult
+from herder.store.base import Changes, Claimed, ClaimRequest, Sample, Submission, TaskResult
 from herder.store.sql import SqlStore
 
 S = TaskState
@@ -53,6 +53,7 @@ def spec(
 ) -> TaskSpec:
     return TaskSpec(
         id=tid,
+        name=tid,
         kind="call",
         payload=b"payload " + tid.encode(),
         depends_on=list(deps),
@@ -779,11 +780,11 @@ async def test_task_queries_filter_and_page_stably(store: SqlStore) -> None:
     assert [c.task_id for c in got] == ["a0", "a1"]
 
     assert [t.id for t in await store.tasks()] == order
-    assert [t.id for t in await store.tasks(state=S.READY)] == ["a2", "a3", "a4", "b0", "b2"]
+    assert [t.id for t in await store.tasks(states=[S.READY])] == ["a2", "a3", "a4", "b0", "b2"]
     assert [t.id for t in await store.tasks(job_id="jb")] == ["b0", "b1", "b2"]
     assert [t.id for t in await store.tasks(node_id="n1")] == ["a0", "a1"]
-    assert [t.id for t in await store.tasks(state=S.READY, job_id="jb")] == ["b0", "b2"]
-    [b1] = await store.tasks(job_id="jb", state=S.WAITING)
+    assert [t.id for t in await store.tasks(states=[S.READY], job_id="jb")] == ["b0", "b2"]
+    [b1] = await store.tasks(job_id="jb", states=[S.WAITING])
     assert b1.depends_on == ["b0"]
 
     for size in (1, 3):
@@ -797,9 +798,20 @@ async def test_task_queries_filter_and_page_stably(store: SqlStore) -> None:
             pages += [t.id for t in page]
             after = page[-1].id
         assert pages == order
-    ready = await store.tasks(state=S.READY, limit=2)
-    more = await store.tasks(state=S.READY, limit=10, after=ready[-1].id)
+    ready = await store.tasks(states=[S.READY], limit=2)
+    more = await store.tasks(states=[S.READY], limit=10, after=ready[-1].id)
     assert [t.id for t in ready + more] == ["a2", "a3", "a4", "b0", "b2"]
+
+    # several states merged in order, newest first, a name glob; pages in both directions
+    pending = [S.WAITING, S.READY]
+    assert [t.id for t in await store.tasks(states=pending)] == ["a2", "a3", "a4", "b0", "b1", "b2"]
+    newest = await store.tasks(states=pending, descending=True, limit=4)
+    assert [t.id for t in newest] == ["b2", "b1", "b0", "a4"]
+    older = await store.tasks(states=pending, descending=True, after=newest[-1].id)
+    assert [t.id for t in older] == ["a3", "a2"]
+    assert [t.id for t in await store.tasks(name="b*")] == ["b0", "b1", "b2"]
+    assert [t.id for t in await store.tasks(name="?1")] == ["a1", "b1"]
+    assert await store.tasks(name="b%") == []  # LIKE wildcards are literal in a glob
 
     ja = await store.job("ja")
     assert ja is not None
@@ -826,6 +838,49 @@ async def test_attempts_lists_ended_attempts_then_the_current_lease(store: SqlSt
     await store.complete([ok(c2)], 6.0)
     assert [a.outcome for a in await store.attempts("a")] == ["failed", "succeeded"]
     assert await store.attempts("nope") == []
+
+
+async def test_the_timeline_lists_attempts_of_a_job_in_start_order(store: SqlStore) -> None:
+    await store.submit("j", None, [spec("a"), spec("b")], 1.0)
+    await store.submit("k", None, [spec("c")], 1.5)
+    [ca] = await store.claim("n1", [""], 1, 2.0)
+    await store.complete([fail(ca, "error")], 3.0)
+    got = await store.claim("n2", [""], 2, 4.0)
+    await store.mark_running([(c.task_id, c.lease_id) for c in got], 5.0)
+    await store.complete([ok(c) for c in got if c.task_id == "a"], 6.0)
+    rows = await store.timeline(job_id="j")
+    assert [(r["task_id"], r["attempt"], r["node_id"], r["state"]) for r in rows] == [
+        ("a", 1, "n1", "failed"),
+        ("a", 2, "n2", "succeeded"),
+        ("b", 1, "n2", "running"),
+    ]
+    assert (rows[1]["start"], rows[1]["end"], rows[2]["end"]) == (5.0, 6.0, None)
+    assert [r["task_id"] for r in await store.timeline(since=3.5)] == ["a", "b"]
+    job = await store.job("j")
+    assert job is not None
+    assert job.started_at == 2.0  # its first lease
+
+
+async def test_telemetry_samples_roll_up_into_minutes_and_expire(store: SqlStore) -> None:
+    def point(node: str, at: float, cpu: float) -> Sample:
+        return Sample(node, "", 1, at, {"cpu_percent": cpu})
+
+    await store.add_samples([point("n1", 600 + i, float(i)) for i in range(120)])
+    await store.add_samples([point("n1", 600, 99.0), Sample("n1", "t1", 1, 600, {"loss": 0.5})])
+    fine = await store.samples("n1", 0, 1)
+    assert len(fine) == 120
+    assert fine[0].data == {"cpu_percent": 99.0}  # the same second again: the last wins
+    assert [s.data for s in await store.samples("n1", 0, 1, task_id="t1")] == [{"loss": 0.5}]
+    # fine samples before 690 go into whole minutes only: [600, 660) complete, 660.. not
+    moved = await store.roll_up_samples(fine_before=690, coarse_before=0, resolution=60)
+    assert moved == 61  # 60 of n1's and t1's one
+    [minute] = await store.samples("n1", 0, 60)
+    assert minute.at == 600
+    assert minute.data["cpu_percent"] == pytest.approx((99 + sum(range(1, 60))) / 60)
+    assert [s.at for s in await store.samples("n1", 0, 1)][:1] == [660]
+    assert await store.samples(None, 650, 1) != []  # every node's
+    await store.roll_up_samples(fine_before=690, coarse_before=700, resolution=60)
+    assert await store.samples("n1", 0, 60) == []  # older than a day: gone
 
 
 # --- scale: finishing a task costs its own edges ---------------------------------------
@@ -1018,7 +1073,7 @@ async def _run_random(
                     await store.submit("j", None, batches[op[1]], now)
                     assert await snapshot(store) == before
             elif kind == "claim":
-                ready = {t.id for t in await store.tasks(state=S.READY, limit=100)}
+                ready = {t.id for t in await store.tasks(states=[S.READY], limit=100)}
                 got = await store.claim(op[1], [""], op[2], now)
                 assert {c.task_id for c in got} <= ready
                 assert not {c.task_id for c in got} & set(finished_attempts)

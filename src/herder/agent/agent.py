@@ -150,7 +150,9 @@ class Agent:
         self._out_results: list[protocol.ResultItem] = []
         self._out_started: list[protocol.HeldLease] = []
         self._out_output: list[protocol.OutputChunk] = []
-        self._out_bus: list[protocol.Send | protocol.Emit | protocol.Progress] = []
+        self._out_bus: list[
+            protocol.Send | protocol.Emit | protocol.Progress | protocol.TaskTelemetry
+        ] = []
         self._flush_scheduled = False
         self._ws: ClientConnection | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -171,6 +173,7 @@ class Agent:
         self._patient = False  # leaving for a drain: running tasks end on their own
         self._health: dict[str, tuple[protocol.Assignment, Health]] = {}  # running services
         self._out_releases: list[protocol.ReleaseLoaded] = []
+        self._sampler = telemetry.Sampler(str(scratch))
         self._environments = Environments(
             ReleaseCache(
                 config.release_dir or Path.home() / ".cache" / "herder" / "releases",
@@ -533,7 +536,7 @@ class Agent:
             beat = protocol.Heartbeat(
                 leases=leases,
                 prefetch=self._prefetch(),
-                telemetry=telemetry.sample(self._task_context["scratch_root"]),
+                telemetry=self._sampler.sample(),
                 health=health or None,
                 releases=self._environments.installed(),
                 loading=self._environments.loading,
@@ -858,9 +861,13 @@ class Agent:
         """
         if self._ws is None:
             return
-        msg: protocol.Send | protocol.Emit | protocol.Progress
+        msg: protocol.Send | protocol.Emit | protocol.Progress | protocol.TaskTelemetry
         try:
-            if frame["event"] == "progress":
+            if frame["event"] == "telemetry":
+                msg = protocol.TaskTelemetry(
+                    task_id=a.task_id, lease_id=a.lease_id, readings=frame["readings"]
+                )
+            elif frame["event"] == "progress":
                 msg = protocol.Progress(
                     task_id=a.task_id,
                     lease_id=a.lease_id,

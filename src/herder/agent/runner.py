@@ -212,7 +212,7 @@ class Slot:
                 if self._on_output is not None:
                     self._on_output(task, out["stream"], out["data"])
                 continue
-            if out.get("event") in ("progress", "emit", "send"):
+            if out.get("event") in ("progress", "emit", "send", "telemetry"):
                 if self._on_bus is not None:
                     self._on_bus(task, out)
                 continue

@@ -12,6 +12,7 @@ result, and a service would otherwise run on beside its restarted copy.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -79,6 +80,45 @@ def run_call(payload: bytes, dep_results: dict[str, bytes]) -> dict[str, Any]:
         except Exception:
             pickled = None
         return {"state": "failed", "reason": "error", "error": _error(exc), "error_pickle": pickled}
+
+
+class _TaskStream(io.TextIOBase):
+    """``sys.stdout`` / ``sys.stderr`` of a Python call: what it prints goes to the agent.
+
+    Text is gathered and sent as ``output`` frames, like a command's, at a
+    line end once ``SEND_EVERY_S`` passed, beyond ``SEND_AT_BYTES``, and at
+    the task's end: a chatty loop costs a frame a fraction of a second,
+    not one per print. Only Python-level writes are seen; what C code or a
+    subprocess writes to the file descriptors goes to the agent's log.
+    """
+
+    SEND_EVERY_S = 0.25
+    SEND_AT_BYTES = 64 * 1024
+
+    def __init__(self, channel: _Channel, name: str) -> None:
+        self._channel = channel
+        self._name = name
+        self._parts: list[str] = []
+        self._size = 0
+        self._sent_at = time.monotonic()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        self._size += len(text)
+        due = time.monotonic() - self._sent_at >= self.SEND_EVERY_S and "\n" in text
+        if due or self._size >= self.SEND_AT_BYTES:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._parts:
+            data = "".join(self._parts).encode(errors="replace")
+            self._parts, self._size = [], 0
+            self._channel.write({"event": "output", "stream": self._name, "data": data})
+        self._sent_at = time.monotonic()
 
 
 class _AgentWatch:
@@ -199,6 +239,19 @@ class _Channel:
             node._deliver(node.Message(frame["deliver"], frame.get("data"), frame["sender"]))
 
 
+def _captured(channel: _Channel, frame: dict[str, Any]) -> dict[str, Any]:
+    """Run a Python call with what it prints sent to the agent as its output."""
+    out_stream, err_stream = _TaskStream(channel, "stdout"), _TaskStream(channel, "stderr")
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out_stream, err_stream
+    try:
+        return run_call(frame["payload"], frame.get("dep_results") or {})
+    finally:
+        sys.stdout, sys.stderr = saved
+        out_stream.flush()
+        err_stream.flush()
+
+
 def main(fd: int, bus_fd: int) -> None:
     from herder import node, task
 
@@ -218,10 +271,7 @@ def main(fd: int, bus_fd: int) -> None:
         channel.busy = True
         task._running.set()
         try:
-            if frame["kind"] == "call":
-                out = run_call(frame["payload"], frame.get("dep_results") or {})
-            else:
-                out = commands.run(frame)
+            out = _captured(channel, frame) if frame["kind"] == "call" else commands.run(frame)
         finally:
             task._running.clear()
             node._clear()

@@ -20,12 +20,15 @@ from pydantic import BaseModel, ValidationError
 from herder import protocol, security
 from herder.discovery.tracker import Registry, tracker_router
 from herder.errors import StoreError, SubmissionError, TaskFileError
-from herder.model import ID_PATTERN, ServiceRecord, TaskRecord, TaskState, gc_paused
+from herder.model import ID_PATTERN, ServiceRecord, gc_paused
 from herder.taskfile import MAX_JOB_ID_LENGTH, TaskFileFormat, parse_tasks
 
 from .bus import answer_send, bus_router
+from .dashboard_routes import dashboard_router
 from .data_routes import data_router
 from .fleet_routes import fleet_router
+from .live_routes import live_router
+from .query_routes import job_json, query_router, task_json
 from .release_routes import release_router
 from .sessions import ClientSession
 
@@ -71,6 +74,9 @@ def create_app(coord: Coordinator) -> FastAPI:
     app.include_router(data_router(coord), dependencies=auth)
     app.include_router(fleet_router(coord), dependencies=auth)
     app.include_router(release_router(coord), dependencies=auth)
+    app.include_router(query_router(coord), dependencies=auth)
+    app.include_router(live_router(coord))  # authenticated by its first message
+    app.include_router(dashboard_router())  # files without data: the page signs in
     app.include_router(bus_router(coord), dependencies=auth)
     if coord.discovery.serve_tracker:  # authenticated by HMAC per call, not by bearer
         app.include_router(tracker_router(coord.secret, Registry()))
@@ -142,32 +148,19 @@ def create_app(coord: Coordinator) -> FastAPI:
             raise HTTPException(getattr(exc, "status", 422), f"{source}: {exc}") from exc
         return {"job_id": job_id, "tasks": len(parsed.specs)}
 
-    @app.get("/v1/tasks", dependencies=auth)
-    async def list_tasks(
-        state: TaskState | None = None,
-        job: str | None = None,
-        node: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-        after: str | None = None,
-    ) -> list[dict[str, Any]]:
-        rows = await coord.store.tasks(
-            state=state, job_id=job, node_id=node, limit=limit, after=after
-        )
-        return [_with_reason(coord, r) for r in rows]
-
     @app.get("/v1/tasks/{task_id}", dependencies=auth)
     async def get_task(task_id: str) -> dict[str, Any]:
         record = await coord.store.task(task_id)
         if record is None:
             raise HTTPException(404, f"no task {task_id}")
         return {
-            "task": _with_reason(coord, record),
+            "task": task_json(coord, record),
             "attempts": [a.model_dump(mode="json") for a in await coord.store.attempts(task_id)],
             "events": [
                 e.model_dump(mode="json")
                 for e in await coord.store.events(task_id=task_id, limit=1000)
             ],
-            "live": coord.live.get(task_id),
+            "live": coord.logs.tails(task_id),
             "progress": p.as_json() if (p := coord.bus.progress.get(task_id)) else None,
         }
 
@@ -179,14 +172,7 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.get("/v1/jobs", dependencies=auth)
     async def list_jobs(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
-        return [_job_json(j) for j in await coord.store.jobs(limit)]
-
-    @app.get("/v1/jobs/{job_id}", dependencies=auth)
-    async def get_job(job_id: str) -> dict[str, Any]:
-        job = await coord.store.job(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        return {**_job_json(job), "progress": coord.bus.job_progress(job_id)}
+        return [job_json(j) for j in await coord.store.jobs(limit)]
 
     @app.get("/v1/nodes", dependencies=auth)
     async def list_nodes() -> list[dict[str, Any]]:
@@ -284,21 +270,3 @@ def _service_json(record: ServiceRecord, health: protocol.HealthReport | None) -
         "restart_at": record.restart_at,
         "check": record.spec.model_dump(exclude_defaults=True),
     }
-
-
-def _job_json(job: Any) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "name": job.name,
-        "created_at": job.created_at,
-        "counts": job.counts,
-        "total": job.total,
-        "finished": job.finished,
-        "failed": job.failed,
-    }
-
-
-def _with_reason(coord: Coordinator, record: TaskRecord) -> dict[str, Any]:
-    """A task as JSON, with why it waits when the coordinator knows (``no node matches``)."""
-    reason = coord.waiting_reason(record)
-    return record.model_dump(mode="json") | ({"waiting_reason": reason} if reason else {})

@@ -53,9 +53,12 @@ from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission,
 from herder.store.sql import SqlStore
 
 from .bus import Bus
-from .live import LiveOutput
+from .live_routes import LiveFeed
+from .logs import TaskLogs
+from .metrics import Metrics
 from .releases import ReleaseCatalog
 from .sessions import AgentSession, ClientSession
+from .telemetry import TelemetrySeries
 
 log = logging.getLogger("herder.coordinator")
 
@@ -119,7 +122,10 @@ class Coordinator:
         self._started: list[tuple[str, str]] = []
         self._submissions: list[tuple[Submission, asyncio.Future[None]]] = []
         self._released: list[tuple[str, str]] = []
-        self.live = LiveOutput()
+        self.logs = TaskLogs(self.datastore)
+        self.telemetry = TelemetrySeries(self.store)
+        self.metrics = Metrics()
+        self.feed = LiveFeed()
         self.bus = Bus(self)
         # task id -> the last health its agent reported (a cache: runs are
         # short-lived facts, the store keeps restarts and history)
@@ -224,6 +230,7 @@ class Coordinator:
                     tg.create_task(self._engine_loop(), name="engine"),
                     tg.create_task(self._expiry_loop(), name="lease-expiry"),
                     tg.create_task(self.fleet.run(self._stopping), name="fleet"),
+                    tg.create_task(self._telemetry_loop(), name="telemetry"),
                 ]
                 loops += await self._discovery_loops(tg)
                 self._write_state_file()
@@ -322,7 +329,8 @@ class Coordinator:
             client.closed = True
             with contextlib.suppress(Exception):
                 await client.ws.close(1001, "coordinator shutting down")
-        log.info("shutdown 5/5: connections closed")
+        await self.logs.flush()
+        log.info("shutdown 5/5: connections closed, logs kept")
 
     async def _wait_drained(self) -> None:
         """Until the agents hold no lease but their services' (which never end)."""
@@ -425,10 +433,11 @@ class Coordinator:
         if changes.finals:
             self._completed += len(changes.finals)
             self._notify(changes.finals)
-            self.live.drop(f.task_id for f in changes.finals)
+            self.feed.finals(changes.finals)
+            self.logs.end(f.task_id for f in changes.finals)
             self.bus.drop([f.task_id for f in changes.finals])
         if changes.requeued:
-            self.live.drop(changes.requeued)
+            self.logs.end(changes.requeued)
             self.bus.drop(list(changes.requeued))
             for tid in changes.requeued:
                 self._health.pop(tid, None)
@@ -490,6 +499,7 @@ class Coordinator:
             session.closed = True
             if self.agents.get(session.node_id) is session:
                 del self.agents[session.node_id]
+                self.telemetry.forget(session.node_id)
                 left = session.bye is not None and not session.outstanding
                 if left:  # it said goodbye holding nothing: terminated, not lost
                     try:
@@ -555,7 +565,7 @@ class Coordinator:
             with contextlib.suppress(Exception):
                 await old.ws.close(4409, "replaced by a new connection")
         self._orphan_deadline.pop(hello.node_id, None)
-        existing = {n.id: n for n in await self.store.nodes()}.get(hello.node_id)
+        existing = await self.store.node(hello.node_id)
         record = NodeRecord(
             id=hello.node_id,
             name=hello.name,
@@ -714,8 +724,10 @@ class Coordinator:
             stale = [lid for lid in msg.leases if lid not in session.outstanding]
             if stale:
                 await session.send(protocol.Cancel(leases=stale))
-            if msg.telemetry and session.record is not None:
-                self.fleet.telemetry(session.record, msg.telemetry)
+            if msg.telemetry:
+                self.telemetry.record(session.node_id, msg.telemetry)
+                if session.record is not None:
+                    self.fleet.telemetry(session.record, msg.telemetry)
             for report in msg.health or ():
                 if report.lease_id in session.outstanding:
                     self._health[report.task_id] = report
@@ -724,6 +736,9 @@ class Coordinator:
                 session.loading = msg.loading or []
         elif isinstance(msg, protocol.ReleaseLoaded):
             await self._release_loaded(session, msg)
+        elif isinstance(msg, protocol.TaskTelemetry):
+            if msg.lease_id in session.outstanding:
+                self.telemetry.record(session.node_id, msg.readings, task_id=msg.task_id)
         elif isinstance(msg, protocol.Started):
             self._started.extend(
                 (h.task_id, h.lease_id) for h in msg.leases if h.lease_id in session.outstanding
@@ -735,7 +750,7 @@ class Coordinator:
         elif isinstance(msg, protocol.Output):
             for chunk in msg.chunks:
                 if chunk.lease_id in session.outstanding:
-                    self.live.add(chunk.task_id, chunk.stream, chunk.data)
+                    self.logs.add(chunk.task_id, chunk.lease_id, chunk.stream, chunk.data)
         elif isinstance(msg, protocol.Release):
             for h in msg.leases:
                 if session.outstanding.pop(h.lease_id, None) is not None:
@@ -794,6 +809,7 @@ class Coordinator:
             items = [_task_result(i) for _, its in batch for i in its]
             if not (items or started or released or requests or submissions):
                 continue
+            commit_started = time.perf_counter()
             try:
                 changes, claimed, errors = await self.store.cycle(
                     submissions=[sub for sub, _ in submissions],
@@ -808,6 +824,14 @@ class Coordinator:
                 self._requeue_turn(batch, started, released, submissions, exc)
                 await asyncio.sleep(0.5)
                 continue
+            self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
+            self.metrics.observe_results(
+                [
+                    (i.state.value, i.ended_at - i.started_at)
+                    for i in items
+                    if i.ended_at is not None and i.started_at is not None
+                ]
+            )
             for (sub, done), error in zip(submissions, errors, strict=True):
                 if error is None:
                     done.set_result(None)
@@ -896,7 +920,10 @@ class Coordinator:
 
     def _assign(self, agent: AgentSession, claimed: list[Claimed]) -> protocol.Assign:
         self._dispatched += len(claimed)
+        now = time.time()
+        self.metrics.observe_dispatch([now - c.created_at for c in claimed if not c.dep_results])
         for c in claimed:
+            self.logs.begin(c.task_id, c.lease_id, c.attempt)
             agent.outstanding[c.lease_id] = c.task_id
             if c.ckey and (need := parse_key(c.ckey).resources):
                 agent.holding[c.lease_id] = need
@@ -942,6 +969,15 @@ class Coordinator:
             if ref:
                 log.info("refused %d stale results from %s", len(ref), session.node_id)
 
+    async def _telemetry_loop(self) -> None:
+        """Write the readings of the last second in one batch; roll up older ones."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.telemetry.flush()
+            except StoreError as exc:  # readings of this second are lost; the next come
+                log.warning("telemetry not stored: %s", exc)
+
     async def _expiry_loop(self) -> None:
         """Declare silent agents lost and put their leases back in the queue."""
         period = min(0.5, self.settings.timeouts.lost_after_s / 4)
@@ -962,6 +998,7 @@ class Coordinator:
                 )
                 agent.closed = True
                 del self.agents[agent.node_id]
+                self.telemetry.forget(agent.node_id)
                 with contextlib.suppress(Exception):
                     await agent.ws.close(4408, "heartbeat lost")
                 await self.mark_lost(agent.node_id, Reason.LOST_HEARTBEAT)
@@ -1046,6 +1083,7 @@ class Coordinator:
         agent = self.agents.pop(node_id, None)
         if agent is not None:
             agent.closed = True
+        self.telemetry.forget(node_id)
         self._orphan_deadline.pop(node_id, None)
         await self.mark_lost(node_id, reason)
 

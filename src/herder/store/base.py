@@ -49,7 +49,19 @@ class Claimed:
     # before starting (its crash-loop delay, what is left of it at the claim).
     start_delay_s: float = 0.0
     ckey: str = ""  # its placement key: the coordinator counts the resources it holds
+    created_at: float = 0.0  # when it was submitted (dispatch latency)
     release: str | None = None  # the release whose environment it runs in
+
+
+@dataclass
+class Sample:
+    """One telemetry point of a node (``task_id`` "") or of a task running there."""
+
+    node_id: str
+    task_id: str
+    resolution: int  # seconds
+    at: float  # the start of its interval (whole seconds or minutes)
+    data: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -208,12 +220,45 @@ class Store(abc.ABC):
     async def tasks(
         self,
         *,
-        state: TaskState | None = None,
+        states: Sequence[TaskState] | None = None,
         job_id: str | None = None,
         node_id: str | None = None,
+        name: str | None = None,
         limit: int = 100,
         after: str | None = None,
-    ) -> list[TaskRecord]: ...
+        descending: bool = False,
+    ) -> list[TaskRecord]:
+        """A page of tasks in submission order (``descending``: newest first).
+
+        ``states`` (None: all), ``job_id``, ``node_id`` and ``name`` (a glob)
+        filter; the next page starts ``after`` the last task id of this one
+        (keyset paging: as fast on the millionth page as on the first).
+        """
+
+    @abc.abstractmethod
+    async def timeline(
+        self, *, job_id: str | None = None, since: float | None = None, limit: int = 5000
+    ) -> list[dict[str, Any]]:
+        """Attempts that started (at or after ``since``), oldest first: for a task stream."""
+
+    # --- telemetry -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_samples(self, samples: list[Sample]) -> None:
+        """Store telemetry samples (one transaction; a repeated key keeps the last)."""
+
+    @abc.abstractmethod
+    async def roll_up_samples(
+        self, *, fine_before: float, coarse_before: float, resolution: int
+    ) -> int:
+        """Average fine samples older than ``fine_before`` into ``resolution``-second
+        ones, and drop those older than ``coarse_before``; how many fine ones went."""
+
+    @abc.abstractmethod
+    async def samples(
+        self, node_id: str | None, since: float, resolution: int, *, task_id: str = ""
+    ) -> list[Sample]:
+        """A series (every node's, when ``node_id`` is None) since ``since``, oldest first."""
 
     @abc.abstractmethod
     async def attempts(self, task_id: str) -> list[AttemptRecord]: ...
@@ -287,6 +332,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def cluster_id(self) -> str:
         """The herd's id, made once with the store."""
+
+    @abc.abstractmethod
+    async def node(self, node_id: str) -> NodeRecord | None: ...
 
     @abc.abstractmethod
     async def nodes(self, *, alive_only: bool = False) -> list[NodeRecord]: ...

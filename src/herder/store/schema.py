@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Columns added since an earlier version: ``migrate`` adds them to a store of
 # that version (additive only, so an upgrade never rewrites a table).
@@ -68,7 +68,11 @@ sa.Index(
     sqlite_where=_ready,
     postgresql_where=_ready,
 )
-sa.Index("ix_tasks_job_state", tasks.c.job_id, tasks.c.state)
+# A job's tasks of one state in submission order: counts per job, and a page of
+# a job's task table read off the index (keyset paging) at a million tasks.
+ix_tasks_job_state_seq = sa.Index(
+    "ix_tasks_job_state_seq", tasks.c.job_id, tasks.c.state, tasks.c.seq
+)
 sa.Index("ix_tasks_state_seq", tasks.c.state, tasks.c.seq)
 sa.Index("ix_tasks_finished", tasks.c.finished_at)
 _service = tasks.c.service.is_not(None)
@@ -82,7 +86,9 @@ ix_tasks_service = sa.Index(
 )
 # ``herder release rm`` asks whether any task not yet finished names a release.
 ix_tasks_release = sa.Index("ix_tasks_release", tasks.c.release, tasks.c.state)
-ADDED_INDEXES = [ix_tasks_service, ix_tasks_release]
+ADDED_INDEXES = [ix_tasks_service, ix_tasks_release, ix_tasks_job_state_seq]
+# Indexes of older versions that a newer one replaces (dropped on upgrade).
+REMOVED_INDEXES = {6: ["ix_tasks_job_state"]}
 sa.Index(
     "ix_tasks_node_active",
     tasks.c.node_id,
@@ -104,6 +110,7 @@ jobs = sa.Table(
     sa.Column("id", sa.String(128), primary_key=True),
     sa.Column("name", sa.String(256)),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),  # when its first task was leased
 )
 
 attempts = sa.Table(
@@ -172,6 +179,23 @@ ADDED_COLUMNS[4] = [
 ADDED_COLUMNS[5] = [
     ("tasks", sa.Column("release", sa.String(32))),
 ]
+ADDED_COLUMNS[6] = [
+    ("jobs", sa.Column("started_at", sa.Float)),
+]
+
+# Telemetry as time series: a node's readings (``task_id`` "") or a task's own,
+# every second (``resolution`` 1) for ten minutes, then as one-minute averages
+# (``resolution`` 60) for a day (herder.coordinator.telemetry).
+samples = sa.Table(
+    "samples",
+    metadata,
+    sa.Column("node_id", sa.String(128), primary_key=True),
+    sa.Column("task_id", sa.String(128), primary_key=True),
+    sa.Column("resolution", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Float, primary_key=True),
+    sa.Column("data", sa.JSON, nullable=False),
+)
+sa.Index("ix_samples_age", samples.c.resolution, samples.c.at)
 
 meta = sa.Table(
     "meta",

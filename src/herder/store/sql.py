@@ -52,6 +52,7 @@ from herder.store.base import (
     Claimed,
     ClaimRequest,
     Final,
+    Sample,
     Store,
     Submission,
     TaskResult,
@@ -110,6 +111,7 @@ class SqlStore(Store):
         self._async_engine: AsyncEngine | None = None
         self._write_thread: ThreadPoolExecutor | None = None
         self._read_threads: ThreadPoolExecutor | None = None
+        self._jobs_started: set[str] = set()  # jobs whose started_at is known to be set
         # Task order ("oldest first") follows ``seq``: wall-clock nanoseconds,
         # kept strictly increasing here so that batches committed by this
         # process never interleave, even if the clock steps back.
@@ -193,8 +195,11 @@ class SqlStore(Store):
                 f"{min(schema.ADDED_COLUMNS) - 1} to {schema.SCHEMA_VERSION}: "
                 + ("upgrade herder" if found > schema.SCHEMA_VERSION else "start a new store")
             )
-        have = {t: {c["name"] for c in sa.inspect(conn).get_columns(t)} for t in ("tasks", "nodes")}
+        tables = ("tasks", "nodes", "jobs")
+        have = {t: {c["name"] for c in sa.inspect(conn).get_columns(t)} for t in tables}
         for version in range(found + 1, schema.SCHEMA_VERSION + 1):
+            for index_name in schema.REMOVED_INDEXES.get(version, []):
+                conn.execute(sa.text(f"DROP INDEX IF EXISTS {index_name}"))
             for table, column in schema.ADDED_COLUMNS.get(version, []):
                 if column.name in have.get(table, set()):
                     continue  # a half-upgraded store (or a test's partial downgrade)
@@ -566,6 +571,7 @@ class SqlStore(Store):
         if not rows:
             return []
         rows.sort(key=lambda r: (-r.priority, r.seq))
+        self._note_jobs_started(conn, {r.job_id for r in rows}, now)
         dep_results = self._dep_results(conn, [r.id for r in rows if r.n_deps])
         return [
             Claimed(
@@ -583,9 +589,22 @@ class SqlStore(Store):
                 start_delay_s=start_delay(r.service, now),
                 ckey=key_of.get(r.id, keys[0]),
                 release=r.release,
+                created_at=r.created_at,
             )
             for r in rows
         ]
+
+    def _note_jobs_started(self, conn: Connection, job_ids: set[str], now: float) -> None:
+        """Record when each job's first task was leased (once: remembered here after)."""
+        new = job_ids - self._jobs_started
+        if not new:
+            return
+        conn.execute(
+            schema.jobs.update()
+            .where(schema.jobs.c.id.in_(sorted(new)), schema.jobs.c.started_at.is_(None))
+            .values(started_at=now)
+        )
+        self._jobs_started |= new
 
     def _claim_fitting(
         self, conn: Connection, req: ClaimRequest, keys: list[str], key_of: dict[str, str]
@@ -1132,29 +1151,46 @@ class SqlStore(Store):
     async def tasks(
         self,
         *,
-        state: TaskState | None = None,
+        states: Sequence[TaskState] | None = None,
         job_id: str | None = None,
         node_id: str | None = None,
+        name: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        descending: bool = False,
     ) -> list[TaskRecord]:
-        q = sa.select(_t).order_by(_t.c.seq, _t.c.id).limit(max(1, min(limit, 10_000)))
-        if state is not None:
-            q = q.where(_t.c.state == state.value)
+        limit = max(1, min(limit, 10_000))
+        wanted = list(dict.fromkeys(states)) if states else list(TaskState)
+        order = (_t.c.seq.desc(), _t.c.id.desc()) if descending else (_t.c.seq, _t.c.id)
+        base = sa.select(_t).order_by(*order).limit(limit)
         if job_id is not None:
-            q = q.where(_t.c.job_id == job_id)
+            base = base.where(_t.c.job_id == job_id)
         if node_id is not None:
-            q = q.where(_t.c.node_id == node_id)
+            base = base.where(_t.c.node_id == node_id)
+        if name is not None:
+            base = base.where(_t.c.name.like(_glob_to_like(name), escape="\\"))
 
         def _tx(conn: Connection) -> Any:
-            page = q
+            page = base
             if after is not None:
                 anchor = (conn.execute(sa.select(_t.c.seq).where(_t.c.id == after))).scalar()
                 if anchor is not None:
-                    page = q.where(
-                        sa.or_(_t.c.seq > anchor, sa.and_(_t.c.seq == anchor, _t.c.id > after))
-                    )
-            rows = list(conn.execute(page))
+                    if descending:
+                        page = page.where(
+                            sa.or_(_t.c.seq < anchor, sa.and_(_t.c.seq == anchor, _t.c.id < after))
+                        )
+                    else:
+                        page = page.where(
+                            sa.or_(_t.c.seq > anchor, sa.and_(_t.c.seq == anchor, _t.c.id > after))
+                        )
+            # One range per state, each read off (state, seq) or (job, state, seq)
+            # in order, then merged: ``state IN (...) ORDER BY seq`` would sort
+            # every matching row first (a million of them in a big queue).
+            rows: list[Any] = []
+            for state in wanted:
+                rows.extend(conn.execute(page.where(_t.c.state == state.value)))
+            rows.sort(key=lambda r: (r.seq, r.id), reverse=descending)
+            rows = rows[:limit]
             deps_of: dict[str, list[str]] = {r.id: [] for r in rows}
             for chunk in _chunks(list(deps_of)):
                 res = conn.execute(
@@ -1163,6 +1199,122 @@ class SqlStore(Store):
                 for tid, did in res:
                     deps_of[tid].append(did)
             return [_task_record(r, sorted(deps_of[r.id])) for r in rows]
+
+        return await self._read(_tx)
+
+    async def timeline(
+        self, *, job_id: str | None = None, since: float | None = None, limit: int = 5000
+    ) -> list[dict[str, Any]]:
+        """Ended attempts (the attempts table) and the leases held now (the tasks table)."""
+        a = schema.attempts
+        limit = max(1, min(limit, 100_000))
+        ended = (
+            sa.select(
+                a.c.task_id, a.c.attempt, a.c.node_id, a.c.leased_at, a.c.started_at,
+                a.c.ended_at, a.c.outcome, _t.c.name, _t.c.job_id,
+            )
+            .join(_t, _t.c.id == a.c.task_id)
+            .order_by(a.c.leased_at)
+            .limit(limit)
+        )  # fmt: skip
+        held = sa.select(
+            _t.c.id.label("task_id"), _t.c.attempt, _t.c.node_id, _t.c.leased_at,
+            _t.c.started_at, _t.c.name, _t.c.job_id,
+        ).where(_t.c.state.in_(ACTIVE))  # fmt: skip
+        if job_id is not None:
+            ended = ended.where(_t.c.job_id == job_id)
+            held = held.where(_t.c.job_id == job_id)
+        if since is not None:
+            ended = ended.where(a.c.leased_at >= since)
+            held = held.where(_t.c.leased_at >= since)
+
+        def row(r: Any, end: float | None, state: str) -> dict[str, Any]:
+            return {
+                "task_id": r.task_id,
+                "name": r.name,
+                "job_id": r.job_id,
+                "node_id": r.node_id,
+                "attempt": r.attempt,
+                "start": r.started_at or r.leased_at,
+                "end": end,
+                "state": state,
+            }
+
+        def _tx(conn: Connection) -> Any:
+            rows = [row(r, r.ended_at, r.outcome or "ended") for r in conn.execute(ended)]
+            rows += [row(r, None, "running") for r in conn.execute(held.limit(limit))]
+            rows.sort(key=lambda r: r["start"])
+            return rows[:limit]
+
+        return await self._read(_tx)
+
+    # --- telemetry ---------------------------------------------------------------
+
+    async def add_samples(self, samples: list[Sample]) -> None:
+        rows = [
+            {
+                "node_id": x.node_id,
+                "task_id": x.task_id,
+                "resolution": x.resolution,
+                "at": x.at,
+                "data": x.data,
+            }
+            for x in samples
+        ]
+
+        def _tx(conn: Connection) -> None:
+            if rows:
+                conn.execute(self._sql.upsert_samples, rows)
+
+        await self._write(_tx)
+
+    async def roll_up_samples(
+        self, *, fine_before: float, coarse_before: float, resolution: int
+    ) -> int:
+        s = schema.samples
+
+        # Whole buckets only: a bucket rolled up now has no fine samples left
+        # to come, so every coarse point is written once, never merged.
+        cutoff = fine_before - fine_before % resolution
+        fine = (s.c.resolution < resolution, s.c.at < cutoff)
+
+        def _tx(conn: Connection) -> int:
+            groups: dict[tuple[str, str, float], list[dict[str, float]]] = {}
+            for r in conn.execute(sa.select(s).where(*fine)):
+                bucket = r.at - r.at % resolution
+                groups.setdefault((r.node_id, r.task_id, bucket), []).append(r.data)
+            if groups:
+                conn.execute(
+                    s.insert(),
+                    [
+                        {"node_id": n, "task_id": t, "resolution": resolution, "at": at,
+                         "data": _averaged(points)}
+                        for (n, t, at), points in groups.items()
+                    ],
+                )  # fmt: skip
+                conn.execute(s.delete().where(*fine))
+            conn.execute(s.delete().where(s.c.at < coarse_before))
+            return sum(len(points) for points in groups.values())
+
+        return await self._write(_tx)
+
+    async def samples(
+        self, node_id: str | None, since: float, resolution: int, *, task_id: str = ""
+    ) -> list[Sample]:
+        s = schema.samples
+        q = (
+            sa.select(s)
+            .where(s.c.resolution == resolution, s.c.at >= since, s.c.task_id == task_id)
+            .order_by(s.c.at)
+        )
+        if node_id is not None:
+            q = q.where(s.c.node_id == node_id)
+
+        def _tx(conn: Connection) -> Any:
+            return [
+                Sample(r.node_id, r.task_id, r.resolution, r.at, dict(r.data))
+                for r in conn.execute(q)
+            ]
 
         return await self._read(_tx)
 
@@ -1289,7 +1441,11 @@ class SqlStore(Store):
                 .group_by(_t.c.state)
             )
             return JobSummary(
-                id=row.id, name=row.name, created_at=row.created_at, counts={s: n for s, n in res}
+                id=row.id,
+                name=row.name,
+                created_at=row.created_at,
+                started_at=row.started_at,
+                counts={s: n for s, n in res},
             )
 
         return await self._read(_tx)
@@ -1313,7 +1469,13 @@ class SqlStore(Store):
                 for jid, st, n in res:
                     counts[jid][st] = n
             return [
-                JobSummary(id=r.id, name=r.name, created_at=r.created_at, counts=counts[r.id])
+                JobSummary(
+                    id=r.id,
+                    name=r.name,
+                    created_at=r.created_at,
+                    started_at=r.started_at,
+                    counts=counts[r.id],
+                )
                 for r in rows
             ]
 
@@ -1449,6 +1611,15 @@ class SqlStore(Store):
             return moved, refused
 
         return await self._write(_tx)
+
+    async def node(self, node_id: str) -> NodeRecord | None:
+        q = sa.select(_n).where(_n.c.id == node_id)
+
+        def _tx(conn: Connection) -> Any:
+            row = conn.execute(q).first()
+            return None if row is None else _node_record(row)
+
+        return await self._read(_tx)
 
     async def nodes(self, *, alive_only: bool = False) -> list[NodeRecord]:
         q = sa.select(_n).order_by(_n.c.created_at, _n.c.id)
@@ -1615,6 +1786,23 @@ def _task_record(row: Any, depends_on: list[str]) -> TaskRecord:
         release=row.release,
         **_placement(row.ckey),
     )
+
+
+def _glob_to_like(pattern: str) -> str:
+    """A name glob (``*``, ``?``) as a LIKE pattern, the LIKE wildcards escaped."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _averaged(points: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each key over the points that have it."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for p in points:
+        for key, value in p.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
 
 
 def _placement(ckey: str) -> dict[str, Any]:

@@ -43,6 +43,7 @@ _LEASE_COLUMNS = (
     _t.c.name,
     _t.c.service,
     _t.c.release,
+    _t.c.created_at,
 )
 
 
@@ -82,6 +83,12 @@ class HotStatements:
         ).where(_t.c.id.in_(ids()))
         self.states_locked = states if is_sqlite else states.with_for_update(read=True)
         self.insert_job = insert(schema.jobs).on_conflict_do_nothing()
+        # telemetry: a second's readings flushed in two batches keep the later one
+        upsert = insert(schema.samples)
+        self.upsert_samples = upsert.on_conflict_do_update(
+            index_elements=[c.name for c in schema.samples.primary_key.columns],
+            set_={"data": upsert.excluded.data},
+        )
         self.mark_dependents = _t.update().where(_t.c.id.in_(ids())).values(has_dependents=True)
 
         # claims
