@@ -83,16 +83,28 @@ def _setup_logging(
     logging.getLogger("asyncssh").setLevel(max(logging.WARNING, logging.root.level))
 
 
+# What every LogRecord has; anything else on a record came from ``extra=`` (action,
+# task_id, node_id, lease_id, ...) and is a field of the JSON line.
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
 class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, the record's ``extra``
+    fields, and the traceback of an exception."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "at": record.created,
-                "level": record.levelname,
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        line: dict[str, Any] = {
+            "at": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS:
+                line[key] = value if isinstance(value, (str, int, float, bool)) else repr(value)
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def _env(home: Path | None) -> dict[str, str]:
@@ -212,7 +224,13 @@ def up(
     if herd is not None and local:
         raise _fail("give either --herd or --local, not both")
     try:
-        policy = load_herd(herd) if herd else local_herd(local, slots=slots, idle_s=idle_exit)
+        # local agents log as this coordinator does
+        agent_env = {**os.environ, "HERDER_LOG_FORMAT": log_format}
+        policy = (
+            load_herd(herd)
+            if herd
+            else local_herd(local, slots=slots, idle_s=idle_exit, env=agent_env)
+        )
     except HerderError as exc:
         raise _fail(str(exc)) from exc
 
@@ -291,12 +309,19 @@ def down(
     console.print("coordinator stopped")
 
 
-@app.command()
+token_app = typer.Typer(help="The join token, and API tokens with a role (create, ls, revoke).")
+app.add_typer(token_app, name="token")
+
+
+@token_app.callback(invoke_without_command=True)
 def token(
+    ctx: typer.Context,
     home: HomeOpt = None,
     url: Annotated[str | None, typer.Option(help="URL to put in the token.")] = None,
 ) -> None:
-    """Print the join token (TOKEN@URL) for agents and clients."""
+    """Print the join token (TOKEN@URL): the cluster secret, for agents and admins."""
+    if ctx.invoked_subcommand is not None:
+        return
     from herder.client import resolve_target
 
     try:
@@ -304,6 +329,67 @@ def token(
     except HerderError as exc:
         raise _fail(str(exc)) from exc
     print(parsed.without_url().encode() + "@" + target)
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option(help="read, submit, admin or agent.")],
+    ttl: Annotated[
+        str | None, typer.Option(help="How long it is valid: 90s, 30m, 12h, 7d (default: ever).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="What it is for.")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Make an API token with a role; it is printed once and stored only as a digest."""
+    ttl_s = _duration(ttl) if ttl is not None else None
+    with _client(home) as herd:
+        try:
+            made = herd.create_token(role, name=name, ttl_s=ttl_s)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    print(made["token"])
+
+
+@token_app.command("ls")
+def token_ls(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """API tokens: id, role, name, created, expires, revoked (never the secret)."""
+    with _client(home) as herd:
+        rows = herd.tokens()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "role", "name", "created", "expires", "revoked")
+    for t in rows:
+        table.add_row(
+            t["id"],
+            t["role"],
+            t["name"] or "",
+            _when(t["created_at"]),
+            _when(t["expires_at"]) if t["expires_at"] else "never",
+            _when(t["revoked_at"]) if t["revoked_at"] else "",
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="Token id (k-…).")], home: HomeOpt = None
+) -> None:
+    """Revoke an API token now (its open sessions are closed)."""
+    with _client(home) as herd:
+        try:
+            herd.revoke_token(token_id)
+        except HerderError as exc:
+            raise _fail(str(exc)) from exc
+    console.print(f"revoked {token_id}")
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.replace(".", "", 1).isdigit() or float(number) <= 0:
+        raise _fail(f"--ttl {text!r}: give a number and a unit, like 90s, 30m, 12h or 7d")
+    return float(number) * units[unit]
 
 
 def _node_facts(data: str | None, overrides: list[str]) -> tuple[dict[str, Any], dict[str, float]]:

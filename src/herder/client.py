@@ -49,6 +49,7 @@ from herder.errors import (
     DependencyFailed,
     HerderError,
     ReleaseError,
+    SecurityError,
     SubmissionError,
     TaskCancelled,
     TaskError,
@@ -57,6 +58,7 @@ from herder.errors import (
 )
 from herder.model import (
     CommandSpec,
+    Limits,
     ServiceSpec,
     TaskRef,
     TaskSpec,
@@ -251,10 +253,11 @@ def decode_outcome(outcome: protocol.Outcome, kind: str) -> Any:
 
 def resolve_target(
     url: str | None, token: str | None, env: Mapping[str, str]
-) -> tuple[str, security.JoinToken]:
+) -> tuple[str, security.JoinToken | security.ApiToken]:
     """Find the coordinator: arguments, then HERDER_URL/HERDER_TOKEN, then the herder home."""
     token = token or env.get("HERDER_TOKEN")
     home = default_home(env)
+    parsed: security.JoinToken | security.ApiToken
     if token is None:
         try:
             secret = security.load_secret(home / "secret")
@@ -265,7 +268,7 @@ def resolve_target(
             ) from exc
         parsed = security.JoinToken(secret, fingerprint)
     else:
-        parsed = security.JoinToken.parse(token)
+        parsed = security.parse_token(token)
     url = url or env.get("HERDER_URL") or parsed.url
     if url is None:
         state = home / "coordinator.json"
@@ -288,7 +291,7 @@ class AsyncClient:
     def __init__(
         self,
         url: str,
-        token: security.JoinToken,
+        token: security.JoinToken | security.ApiToken,
         ca_pem: bytes,
         *,
         event_ttl_s: float = EVENT_TTL_S,
@@ -599,8 +602,15 @@ class AsyncClient:
         select: str | None = None,
         resources: Mapping[str, float] | None = None,
         release: str | None = None,
+        limits: Mapping[str, int] | None = None,
+        run_as: str | None = None,
+        secret_env: Iterable[str] = (),
     ) -> TaskFuture:
         """Run a program (argv, no shell) or a ``sh -c`` string; the result is its output.
+
+        ``limits`` (``memory_mb``, ``cpu_s``, ``open_files``, ``processes``) cap
+        it, ``run_as`` runs it as that user (an agent running as root), and the
+        ``env`` names in ``secret_env`` are never shown.
 
         ``service=True`` keeps it running instead: restarted whenever it exits
         (``retries`` does not apply), on any node, until cancelled; its future
@@ -619,7 +629,12 @@ class AsyncClient:
             kind="command",
             name=name,
             command=CommandSpec(
-                run=run if isinstance(run, str) else list(run), env=dict(env or {}), cwd=cwd
+                run=run if isinstance(run, str) else list(run),
+                env=dict(env or {}),
+                cwd=cwd,
+                limits=Limits(**limits) if limits else None,
+                run_as=run_as,
+                secret_env=list(secret_env),
             ),
             depends_on=list(dict.fromkeys(_task_id(d) for d in depends_on)),
             priority=priority,
@@ -928,6 +943,28 @@ class AsyncClient:
     async def release_status(self) -> dict[str, Any]:
         """The fleet's release and, per node, the releases installed and loading."""
         result: dict[str, Any] = await self._get("/v1/releases/status")
+        return result
+
+    # --- API tokens (admin) ----------------------------------------------------------------
+
+    async def create_token(
+        self, role: str, *, name: str | None = None, ttl_s: float | None = None
+    ) -> dict[str, Any]:
+        """A new API token with ``role`` (read, submit, admin, agent); ``token`` in the
+        answer is its text, shown this once."""
+        result: dict[str, Any] = await self._post(
+            "/v1/tokens", {"role": role, "name": name, "ttl_s": ttl_s}
+        )
+        return result
+
+    async def tokens(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._get("/v1/tokens")
+        return result
+
+    async def revoke_token(self, token_id: str) -> dict[str, Any]:
+        """Revoke now: requests with it are refused, its open sessions closed."""
+        response = await self.http.delete(f"/v1/tokens/{token_id}")
+        result: dict[str, Any] = _json(response, refused=SecurityError)
         return result
 
     async def scale(self, target: int | None) -> int | None:
@@ -1291,6 +1328,17 @@ class Client:
 
     def scale(self, target: int | None) -> int | None:
         return self._run(self._async.scale(target))
+
+    def create_token(
+        self, role: str, *, name: str | None = None, ttl_s: float | None = None
+    ) -> dict[str, Any]:
+        return self._run(self._async.create_token(role, name=name, ttl_s=ttl_s))
+
+    def tokens(self) -> builtins.list[dict[str, Any]]:
+        return self._run(self._async.tokens())
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self._run(self._async.revoke_token(token_id))
 
     def release(self, path: str | os.PathLike[str] | None = None, **options: Any) -> str:
         """As :meth:`AsyncClient.release`."""

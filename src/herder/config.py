@@ -45,6 +45,11 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     # ``[fleet] release``: the release every node loads before it takes work
     fleet_release: str | None = None
+    # Names clients may reach the coordinator by besides its own addresses (a DNS
+    # name, a load balancer's): any other Host header is refused (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
+    # Failed authentications a source may make in a minute before it is refused (429).
+    max_auth_failures: int = 20
 
     @property
     def secret_path(self) -> Path:
@@ -114,9 +119,18 @@ _ENV_KEYS = {
     "HERDER_LISTEN": "listen",
     "HERDER_ADVERTISE_URL": "advertise_url",
     "HERDER_DATASTORE": "datastore_url",
+    "HERDER_MAX_AUTH_FAILURES": "max_auth_failures",
 }
 _TIMEOUT_KEYS = {f.name for f in fields(Timeouts)}
-_TOP_KEYS = {"store_url", "listen", "advertise_url", "datastore_url", "datastore_options"}
+_TOP_KEYS = {
+    "store_url",
+    "listen",
+    "advertise_url",
+    "datastore_url",
+    "datastore_options",
+    "allowed_hosts",
+    "max_auth_failures",
+}
 
 
 def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
@@ -156,6 +170,10 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
     for env_key, name in _ENV_KEYS.items():
         if env.get(env_key):
             values[name] = env[env_key]
+    if env.get("HERDER_ALLOWED_HOSTS"):
+        values["allowed_hosts"] = env["HERDER_ALLOWED_HOSTS"].split(",")
+    if "allowed_hosts" in values:
+        values["allowed_hosts"] = tuple(h.strip() for h in values["allowed_hosts"] if h.strip())
     for key, value in overrides.items():
         if value is None:
             continue
@@ -164,6 +182,8 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
         else:
             values[key] = value
     values.setdefault("store_url", f"sqlite:///{home / 'herd.db'}")
+    if "max_auth_failures" in values:
+        values["max_auth_failures"] = int(values["max_auth_failures"])
     settings = Settings(home=home, **values)
     if timeouts:
         settings = replace(settings, timeouts=replace(settings.timeouts, **timeouts))

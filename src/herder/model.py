@@ -262,12 +262,31 @@ class FetchSpec(BaseModel):
         return source.rstrip("/").rsplit("/", 1)[-1] or "download"
 
 
+class Limits(BaseModel):
+    """Resource limits of one command (``setrlimit`` in the child, before it starts).
+
+    A command past ``memory_mb`` fails to allocate, past ``cpu_s`` is killed
+    (SIGXCPU, then SIGKILL), past ``open_files`` cannot open more, and past
+    ``processes`` cannot fork (counted per user, as the kernel does).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory_mb: int | None = Field(default=None, ge=16, le=16 * 2**20)
+    cpu_s: int | None = Field(default=None, ge=1, le=30 * 86400)
+    open_files: int | None = Field(default=None, ge=16, le=2**20)
+    processes: int | None = Field(default=None, ge=1, le=2**22)
+
+
 class CommandSpec(BaseModel):
     """A command task: inputs to ``fetch``, the ``run`` (argv without a shell, or
     a string for ``sh -c``), and glob patterns of outputs to ``upload``.
 
     It runs in a fresh scratch directory per attempt, removed afterwards
-    unless ``keep_scratch``.
+    unless ``keep_scratch``. ``limits`` caps its resources, ``run_as`` runs it
+    as another user (the agent must be root to switch), and the ``env``
+    variables named in ``secret_env`` are passed to it but never shown: the
+    API, the CLI and the dashboard print ``***`` for their values.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -278,6 +297,23 @@ class CommandSpec(BaseModel):
     fetch: list[FetchSpec] = Field(default_factory=list)
     upload: list[str] = Field(default_factory=list)
     keep_scratch: bool = False
+    limits: Limits | None = None
+    run_as: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    secret_env: list[str] = Field(default_factory=list, max_length=256)
+
+    @model_validator(mode="after")
+    def _secrets_are_env(self) -> CommandSpec:
+        unknown = [name for name in self.secret_env if name not in self.env]
+        if unknown:
+            raise ValueError(f"secret_env names {unknown[0]!r}, which is not in env")
+        return self
+
+    def shown(self) -> CommandSpec:
+        """The spec as shown to people: secret environment values replaced by ``***``."""
+        if not self.secret_env:
+            return self
+        env = {k: "***" if k in self.secret_env else v for k, v in self.env.items()}
+        return self.model_copy(update={"env": env})
 
     @field_validator("upload")
     @classmethod
@@ -606,6 +642,26 @@ class NodeRecord(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)  # free-form, from ``--data``
     resources: dict[str, float] = Field(default_factory=dict)  # cpus, mem_gb, disk_gb, gpus
     paused: bool = False  # takes no new tasks (``herder pause``); kept across restarts
+
+
+ROLES = ("read", "submit", "admin", "agent")
+
+
+class TokenRecord(BaseModel):
+    """An API token as stored: never its secret, only a digest of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str | None
+    role: Literal["read", "submit", "admin", "agent"]
+    digest: str
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+    def usable(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
 
 class EventRecord(BaseModel):

@@ -31,6 +31,9 @@ from herder.model import (
 )
 
 VERSION = 1
+# security.NONCE_BYTES, kept here too (protocol imports nothing but model); a unit
+# test holds the two equal
+HELLO_NONCE_BYTES = 32
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
@@ -50,6 +53,26 @@ class JobSubmission(BaseModel):
 
 class ProtocolError(ValueError):
     """A frame that does not follow protocol v1."""
+
+
+MAX_NESTING = 100
+"""How deep the free-form maps of a message (a node's data, a result's error and
+output) may nest: the store keeps them as JSON, and ``json.dumps`` recurses (a
+result nested 1,000 levels deep raised RecursionError in the engine loop)."""
+
+
+def _shallow(value: dict[str, Any]) -> dict[str, Any]:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return value
+
+
+FreeForm = Annotated[dict[str, Any], AfterValidator(_shallow)]
 
 
 class _Msg(BaseModel):
@@ -74,12 +97,13 @@ class Hello(_Msg):
     labels: dict[str, str] = Field(default_factory=dict)
     # free-form facts (``--data``) and what it has to run tasks with
     # (cpus, mem_gb, disk_gb, gpus): both matched by task selectors
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: FreeForm = Field(default_factory=dict)
     resources: dict[str, float] = Field(default_factory=dict)
     host: str = ""
     pid: int = 0
     provider: str = "joined"
-    nonce: bytes = Field(min_length=16, max_length=64)
+    # exactly security.NONCE_BYTES: the proofs are HMACs over both nonces concatenated
+    nonce: bytes = Field(min_length=HELLO_NONCE_BYTES, max_length=HELLO_NONCE_BYTES)
     held: list[HeldLease] = Field(default_factory=list)
 
 
@@ -132,9 +156,9 @@ class ResultItem(_Msg):
     state: Literal["succeeded", "failed", "cancelled"]
     reason: str | None = None
     result: bytes | None = None
-    error: dict[str, Any] | None = None
+    error: FreeForm | None = None
     error_pickle: bytes | None = None
-    output: dict[str, Any] | None = None
+    output: FreeForm | None = None
     started_at: float | None = None
     ended_at: float | None = None
 

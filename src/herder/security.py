@@ -313,6 +313,88 @@ def bearer_matches(presented: str, secret: bytes) -> bool:
     return hmac.compare_digest(token.secret, secret)
 
 
+# --------------------------------------------------------------------------- API tokens
+
+API_TOKEN_VERSION = "hk1"
+"""Prefix of API tokens (a role, an expiry, revocable; see herder.coordinator.auth)."""
+_API_TOKEN_SHAPE = "hk1.<id>.<secret>.<fingerprint>[@https://host:port]"
+_TOKEN_ID = re.compile(r"k-[0-9a-f]{16}")
+
+
+@dataclass(frozen=True, eq=False)
+class ApiToken:
+    """A token for the API that is not the cluster secret: ``id`` names its record in the
+    store (role, expiry, revocation); ``secret`` is random, stored only as a digest.
+
+    Like a join token it carries the CA fingerprint (a client pins the
+    coordinator with it) and may carry the address; :meth:`encode` is the
+    only way to see the secret.
+    """
+
+    id: str
+    secret: bytes
+    fingerprint: bytes
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _TOKEN_ID.fullmatch(self.id):
+            raise SecurityError("API token id is not k- and 16 hex digits")
+        if len(self.secret) != SECRET_BYTES or len(self.fingerprint) != FINGERPRINT_BYTES:
+            raise SecurityError(f"not a herder API token: expected {_API_TOKEN_SHAPE}")
+        if self.url is not None:
+            _check_url(self.url)
+
+    @classmethod
+    def new(cls, fingerprint: bytes, url: str | None = None) -> ApiToken:
+        token_id = "k-" + secrets.token_hex(8)
+        return cls(token_id, secrets.token_bytes(SECRET_BYTES), fingerprint, url)
+
+    def encode(self) -> str:
+        text = (
+            f"{API_TOKEN_VERSION}.{self.id}.{_b64encode(self.secret)}."
+            f"{_b64encode(self.fingerprint)}"
+        )
+        return f"{text}@{self.url}" if self.url is not None else text
+
+    @classmethod
+    def parse(cls, text: str) -> ApiToken:
+        body, at, url = text.strip().partition("@")
+        parts = body.split(".")
+        if len(parts) != 4 or parts[0] != API_TOKEN_VERSION:
+            raise SecurityError(f"not a herder API token: expected {_API_TOKEN_SHAPE}")
+        return cls(
+            parts[1],
+            _b64decode(parts[2], "secret"),
+            _b64decode(parts[3], "fingerprint"),
+            url if at else None,
+        )
+
+    @property
+    def digest(self) -> str:
+        """What the store keeps of the secret."""
+        return token_digest(self.secret)
+
+    def without_url(self) -> ApiToken:
+        return ApiToken(self.id, self.secret, self.fingerprint)
+
+    def __repr__(self) -> str:
+        return f"ApiToken(id={self.id!r}, url={self.url!r})"
+
+    __str__ = __repr__
+
+
+def token_digest(secret: bytes) -> str:
+    """The SHA-256 of a token's random secret (256 bits: no salt or slow hash needed)."""
+    return hashlib.sha256(secret).hexdigest()
+
+
+def parse_token(text: str) -> JoinToken | ApiToken:
+    """A join token (the cluster secret: every right) or an API token (a role)."""
+    if text.strip().startswith(API_TOKEN_VERSION + "."):
+        return ApiToken.parse(text)
+    return JoinToken.parse(text)
+
+
 def _check_nonces(first: bytes, second: bytes) -> None:
     """Fixed-length nonces keep ``first + second`` unambiguous."""
     if len(first) != NONCE_BYTES or len(second) != NONCE_BYTES:

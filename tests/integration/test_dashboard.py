@@ -49,6 +49,11 @@ async def test_dashboard_routes_serve_the_files_and_refuse_others() -> None:
         assert plotly.status_code == 200
         assert len(plotly.content) > 1_000_000
         assert "max-age" in plotly.headers["cache-control"]
+        assert plotly.headers["content-encoding"] == "gzip"  # httpx asks for it, and unpacks
+        assert int(plotly.headers["content-length"]) < len(plotly.content) / 2
+        plain = await http.get("/static/plotly.min.js", headers={"accept-encoding": "identity"})
+        assert "content-encoding" not in plain.headers
+        assert plain.content == plotly.content
         for bad in ("/static/nope.js", "/static/..%2Fapp.js", "/static/__init__.py", "/static/"):
             assert (await http.get(bad)).status_code == 404, bad
         # A name with a slash never reaches the handler at all.

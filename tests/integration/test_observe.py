@@ -248,3 +248,47 @@ def test_the_live_socket_wants_a_token_then_pushes_snapshots_and_events(
     assert len(snapshot["executors"]) == 2
     assert "succeeded" in snapshot["status"]["counts"]
     assert any(m["type"] == "event" and m["event"]["action"] == "task_failed" for m in messages)
+
+
+def test_herder_report_writes_one_self_contained_page(
+    herd: tuple[LocalHerd, Client], tmp_path: Any
+) -> None:
+    h, client = herd
+    job = f"j-r{time.monotonic_ns()}"
+    futs = [client.submit(square, i, name=f"rep-{i}", job=job) for i in range(6)]
+    broken = client.submit(fails, job=job, name="rep-broken", retries=0)
+    for f in futs:
+        f.result(timeout=60)
+    broken.exception(timeout=60)
+    out = tmp_path / "report.html"
+    run_cli(h.env(), "report", job, "--html", str(out))
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") or page.lower().startswith("<!doctype html>")
+    assert job in page
+    assert "rep-broken" in page
+    assert "observed failure" in page
+    assert "<svg" in page
+    assert "http://" not in page
+    assert "https://" not in page
+
+
+def test_logs_of_coordinator_and_agents_are_json_lines_with_their_fields(tmp_path: Any) -> None:
+    h = LocalHerd(nodes=1, home=tmp_path / "home", extra_args=["--log-format", "json"])
+    client = h.start()
+    try:
+        h.wait_nodes(1)
+        client.submit(square, 2).result(timeout=30)
+    finally:
+        h.stop()
+    lines = (tmp_path / "home" / "coordinator.log").read_text().splitlines()
+    coordinator = [json.loads(line) for line in lines if line.startswith("{")]
+    # the one line for a person at the terminal is the banner
+    assert [line for line in lines if not line.startswith("{")] == [
+        f"herder coordinator at {h.url}"
+    ]
+    assert {"at", "level", "logger", "message"} <= coordinator[0].keys()
+    assert any(line["message"].startswith("coordinator ready") for line in coordinator)
+    [agent_log] = (tmp_path / "home" / "logs").glob("*.log")
+    agent_lines = agent_log.read_text().splitlines()
+    agent = [json.loads(line) for line in agent_lines if line.startswith("{")]
+    assert any("paired with" in line["message"] for line in agent)

@@ -523,3 +523,9 @@ def test_client_context_refuses_other_ca(tmp_path: Path, tls: TlsFiles, server: 
     both = other.ca_cert.read_bytes() + tls.ca_cert.read_bytes()
     with pytest.raises(ssl.SSLCertVerificationError):
         handshake(client_ssl_context(both), server.port)
+
+
+def test_the_protocol_asks_for_nonces_of_the_length_the_handshake_uses() -> None:
+    from herder import protocol, security
+
+    assert protocol.HELLO_NONCE_BYTES == security.NONCE_BYTES

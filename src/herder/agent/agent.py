@@ -292,7 +292,8 @@ class Agent:
                 log.error("%s", exc)
                 print(f"herder agent: {exc}", flush=True)
                 return 1
-            except SecurityError as exc:
+            except (SecurityError, protocol.ProtocolError) as exc:
+                # a peer that passed pinning but speaks nonsense: try again, as if away
                 log.warning("cannot reach %s: %s", self.config.url, exc)
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 log.info("coordinator %s unreachable: %s", self.config.url, exc)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ import httpx
 
 from herder.dataclient import DataClient
 from herder.errors import DatastoreError, DatastoreFull, DatastoreUnavailable, ObjectMissing
-from herder.model import CommandSpec, FetchSpec
+from herder.model import CommandSpec, FetchSpec, Limits
 
 TAIL_BYTES = 4096
 TAIL_EVERY_S = 0.5  # how often a running command's new output is streamed
@@ -221,12 +223,23 @@ def _run(command: CommandSpec, home: Path, work: Path, ctx: PhaseContext) -> int
     cwd = work / command.cwd if command.cwd else work
     env = {**os.environ, **command.env, "HERDER_TASK_ID": ctx.task_id, "HERDER_JOB": ctx.job_id}
     ctx.say(f"  $ {' '.join(argv)}  (in {cwd})")
+    account = _switch_user(command.run_as, home)
+    switch: dict[str, Any] = (
+        {} if account is None
+        else {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    )  # fmt: skip
     with open(home / "stdout", "wb") as out, open(home / "stderr", "wb") as err:
         try:
             proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+                limited(argv, command.limits),
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                **switch,  # the user's own groups only: none of the agent's
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             raise PhaseFailed("error", f"cannot start {argv[0]}: {exc}") from exc
         if ctx.on_spawn is not None:
             ctx.on_spawn(proc.pid)
@@ -245,6 +258,50 @@ def _run(command: CommandSpec, home: Path, work: Path, ctx: PhaseContext) -> int
             if tail is not None:
                 tail.stop()
     return code
+
+
+# Sets the limits, then becomes the command (exec): the limits are in force from
+# its first instruction, with no preexec_fn in a threaded worker.
+_LIMITED = (
+    "import os, resource, sys\n"
+    "for name, value in zip(sys.argv[1::2][:4], sys.argv[2::2][:4]):\n"
+    "    if value != '-':\n"
+    "        limit = int(value)\n"
+    "        resource.setrlimit(getattr(resource, name), (limit, limit))\n"
+    "os.execvp(sys.argv[9], sys.argv[9:])\n"
+)
+
+
+def limited(argv: list[str], limits: Limits | None) -> list[str]:
+    """``argv`` started under ``limits`` (through a small Python that sets them and
+    execs it), or as it is without limits."""
+    if limits is None:
+        return argv
+    pairs = [
+        ("RLIMIT_AS", None if limits.memory_mb is None else limits.memory_mb * 2**20),
+        ("RLIMIT_CPU", limits.cpu_s),
+        ("RLIMIT_NOFILE", limits.open_files),
+        ("RLIMIT_NPROC", limits.processes),
+    ]
+    flat = [x for name, value in pairs for x in (name, "-" if value is None else str(value))]
+    return [sys.executable, "-c", _LIMITED, *flat, *argv]
+
+
+def _switch_user(run_as: str | None, home: Path) -> pwd.struct_passwd | None:
+    """The account to run as, with the attempt's directory handed to it; None: ours."""
+    if run_as is None:
+        return None
+    try:
+        account = pwd.getpwnam(run_as)
+    except KeyError:
+        raise PhaseFailed("error", f"run_as: there is no user {run_as!r} on this node") from None
+    if os.geteuid() != 0:
+        raise PhaseFailed("error", f"run_as {run_as!r}: the agent must run as root to switch")
+    for root, dirs, files in os.walk(home):
+        for name in (*dirs, *files):
+            os.chown(os.path.join(root, name), account.pw_uid, account.pw_gid)
+    os.chown(home, account.pw_uid, account.pw_gid)
+    return account
 
 
 class _Tail:

@@ -17,20 +17,23 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from herder import protocol, security
+from herder import protocol
 from herder.discovery.tracker import Registry, tracker_router
 from herder.errors import StoreError, SubmissionError, TaskFileError
 from herder.model import ID_PATTERN, ServiceRecord, gc_paused
 from herder.taskfile import MAX_JOB_ID_LENGTH, TaskFileFormat, parse_tasks
 
+from .auth import Principal, rule
 from .bus import answer_send, bus_router
 from .dashboard_routes import dashboard_router
 from .data_routes import data_router
 from .fleet_routes import fleet_router
+from .hosts import HostGuard, local_names
 from .live_routes import live_router
 from .query_routes import job_json, query_router, task_json
 from .release_routes import release_router
 from .sessions import ClientSession
+from .token_routes import token_router
 
 if TYPE_CHECKING:
     from .service import Coordinator
@@ -53,17 +56,35 @@ def _parse_submission(raw: bytes) -> protocol.JobSubmission:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         message = str(first["msg"]).removeprefix("Value error, ")
-        raise HTTPException(422, f"{where.lstrip('.')}: {message}{more}") from exc
+        raise HTTPException(422, f"{where.lstrip('.') or 'body'}: {message}{more}") from exc
 
 
 def create_app(coord: Coordinator) -> FastAPI:
-    app = FastAPI(title="herder coordinator", version="1")
+    # The API's description is served like any read route (below), not by FastAPI's
+    # own public /openapi.json and /docs.
+    app = FastAPI(title="herder coordinator", version="1", openapi_url=None, docs_url=None,
+                  redoc_url=None)  # fmt: skip
 
     def authenticated(request: Request) -> None:
+        """The route's rule (herder.coordinator.auth.RULES) against the bearer's role."""
+        route = request.scope.get("route")
+        needed = rule(request.method, getattr(route, "path", request.url.path))
+        if "public" in needed:
+            return
+        source = request.client.host if request.client else "?"
+        if coord.auth.throttled(source):
+            raise HTTPException(429, "too many failed authentications from here: wait a minute")
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not security.bearer_matches(token, coord.secret):
+        who = coord.auth.principal(token) if scheme.lower() == "bearer" else None
+        if who is None:
+            coord.auth.failed(source)
             raise HTTPException(401, "a valid bearer token is required")
+        if not who.may(needed):
+            raise HTTPException(
+                403, f"the {who.role} role may not {request.method} {request.url.path}"
+            )
+        request.state.principal = who
 
     auth = [Depends(authenticated)]
 
@@ -75,13 +96,22 @@ def create_app(coord: Coordinator) -> FastAPI:
     app.include_router(fleet_router(coord), dependencies=auth)
     app.include_router(release_router(coord), dependencies=auth)
     app.include_router(query_router(coord), dependencies=auth)
+    app.include_router(token_router(coord), dependencies=auth)
+    settings = coord.settings
+    advertised = [coord.url, *([settings.advertise_url] if settings.advertise_url else [])]
+    allowed = local_names(settings.listen_host, advertised) | set(settings.allowed_hosts)
+    app.add_middleware(HostGuard, allowed=allowed)
     app.include_router(live_router(coord))  # authenticated by its first message
-    app.include_router(dashboard_router())  # files without data: the page signs in
+    app.include_router(dashboard_router(), dependencies=auth)  # public: files without data
     app.include_router(bus_router(coord), dependencies=auth)
     if coord.discovery.serve_tracker:  # authenticated by HMAC per call, not by bearer
         app.include_router(tracker_router(coord.secret, Registry()))
 
-    @app.get("/v1/ca")
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/v1/ca", dependencies=auth)
     async def ca() -> Response:
         return Response(coord.ca_pem, media_type="application/x-pem-file")
 
@@ -90,7 +120,9 @@ def create_app(coord: Coordinator) -> FastAPI:
         return {"ok": True, "url": coord.url, "stopping": coord.is_stopping}
 
     @app.get("/v1/status", dependencies=auth)
-    async def status(window_s: float = 10.0) -> dict[str, Any]:
+    async def status(
+        window_s: Annotated[float, Query(gt=0, le=86_400)] = 10.0,
+    ) -> dict[str, Any]:
         import time
 
         stats = coord.statistics()
@@ -112,7 +144,9 @@ def create_app(coord: Coordinator) -> FastAPI:
         body = await asyncio.to_thread(_parse_submission, await request.body())
         specs = body.tasks
         try:
-            await coord.submit(body.job_id, body.job_name, specs, None)
+            await coord.submit(
+                body.job_id, body.job_name, specs, None, owner=request.state.principal.owner
+            )
         except SubmissionError as exc:
             raise HTTPException(getattr(exc, "status", 422), str(exc)) from exc
         return {"job_id": body.job_id, "task_ids": [s.id for s in specs]}
@@ -121,7 +155,7 @@ def create_app(coord: Coordinator) -> FastAPI:
     async def push(
         request: Request,
         fmt: Annotated[TaskFileFormat, Query(alias="format")],
-        source: str,
+        source: Annotated[str, Query(min_length=1)],
         job_id: Annotated[str, Query(pattern=ID_PATTERN, max_length=MAX_JOB_ID_LENGTH)],
     ) -> dict[str, Any]:
         """A tasks file as written, checked and stored here as one job (all or nothing).
@@ -143,7 +177,9 @@ def create_app(coord: Coordinator) -> FastAPI:
             raise HTTPException(422, str(exc)) from exc
         job_name = parsed.job_name or PurePath(source).name
         try:
-            await coord.submit(job_id, job_name, parsed.specs, None)
+            await coord.submit(
+                job_id, job_name, parsed.specs, None, owner=request.state.principal.owner
+            )
         except SubmissionError as exc:
             raise HTTPException(getattr(exc, "status", 422), f"{source}: {exc}") from exc
         return {"job_id": job_id, "tasks": len(parsed.specs)}
@@ -165,9 +201,14 @@ def create_app(coord: Coordinator) -> FastAPI:
         }
 
     @app.post("/v1/cancel", dependencies=auth)
-    async def cancel(body: CancelIn) -> dict[str, Any]:
+    async def cancel(body: CancelIn, request: Request) -> dict[str, Any]:
         if body.task_ids is None and body.job_id is None:
             raise HTTPException(422, "give task_ids or job_id")
+        who: Principal = request.state.principal
+        if who.role != "admin":  # a submitter cancels what it submitted, nothing else
+            owners = await coord.store.job_owners(body.task_ids, body.job_id)
+            if owners - {who.token_id}:
+                raise HTTPException(403, "only the jobs this token submitted can be cancelled")
         return {"cancelled": await coord.cancel(body.task_ids, body.job_id)}
 
     @app.get("/v1/jobs", dependencies=auth)
@@ -192,7 +233,8 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.get("/v1/events", dependencies=auth)
     async def list_events(
-        after: int = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+        after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # an event id: a 64-bit integer
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[dict[str, Any]]:
         return [
             e.model_dump(mode="json") for e in await coord.store.events(after=after, limit=limit)
@@ -211,20 +253,27 @@ def create_app(coord: Coordinator) -> FastAPI:
     async def session_ws(ws: WebSocket) -> None:
         header = ws.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not security.bearer_matches(token, coord.secret):
+        who = coord.auth.principal(token) if scheme.lower() == "bearer" else None
+        if who is None or not who.may(rule("WS", "/v1/session")):
             await ws.close(4401, "a valid bearer token is required")
             return
         await ws.accept()
-        client = ClientSession(ws=ws)
+        client = ClientSession(ws=ws, principal=who)
         coord.clients.add(client)
+        from .service import close_ws, receive_frame
+
         try:
             while True:
-                frame = await ws.receive_bytes()
+                frame = await receive_frame(ws)
                 for msg in protocol.decode_client(frame):
                     if isinstance(msg, protocol.Submit):
                         error = None
                         try:
-                            await coord.submit(msg.job_id, msg.job_name, msg.tasks, client)
+                            if not who.may(frozenset({"submit"})):
+                                raise SubmissionError(f"the {who.role} role may not submit")
+                            await coord.submit(
+                                msg.job_id, msg.job_name, msg.tasks, client, owner=who.owner
+                            )
                         except SubmissionError as exc:
                             error = str(exc)
                         await client.send(protocol.Submitted(req=msg.req, error=error))
@@ -235,7 +284,7 @@ def create_app(coord: Coordinator) -> FastAPI:
                         finals = await coord.store.finals(msg.task_ids)
                         coord._notify(finals)
         except protocol.ProtocolError as exc:
-            await ws.close(4400, str(exc)[:120])
+            await close_ws(ws, 4400, str(exc))
         except Exception as exc:
             from .service import _is_disconnect
 

@@ -51,7 +51,7 @@ def fleet_router(coord: Coordinator) -> APIRouter:
         try:
             await fleet.scale(body.target)
         except HerderError as exc:
-            raise HTTPException(422, str(exc)) from exc
+            raise HTTPException(422, f"target: {exc}") from exc
         return {"target": fleet.target}
 
     @router.post("/v1/nodes/{node_id}/drain")

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from herder import security
 from herder.store.base import Final
+
+from .auth import rule
 
 if TYPE_CHECKING:
     from .service import Coordinator
@@ -76,13 +77,15 @@ def live_router(coord: Coordinator) -> APIRouter:
     async def live(ws: WebSocket) -> None:
         await ws.accept()
         try:
-            first = await asyncio.wait_for(ws.receive_text(), AUTH_TIMEOUT_S)
-            token = json.loads(first).get("token", "")
+            first = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT_S)
+            token = json.loads(first.get("text") or "{}").get("token", "")
         except (TimeoutError, ValueError, AttributeError, WebSocketDisconnect):
-            token = ""
-        if not isinstance(token, str) or not security.bearer_matches(token, coord.secret):
+            token = ""  # silence, a binary frame, not JSON, not an object: no token
+        who = coord.auth.principal(token) if isinstance(token, str) else None
+        if who is None or not who.may(rule("WS", "/v1/live")):
             await ws.close(4401, "a valid token is required")
             return
+        coord.live_sockets[ws] = who  # a revocation of its token closes it
         last_event = await coord.store.latest_event_id()
         ended = coord.feed.listen()
         try:
@@ -102,6 +105,7 @@ def live_router(coord: Coordinator) -> APIRouter:
             return
         finally:
             coord.feed.close(ended)
+            coord.live_sockets.pop(ws, None)
 
     return router
 

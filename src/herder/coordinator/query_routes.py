@@ -8,12 +8,13 @@ filtered set.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from herder.model import FINAL_TASK_STATES, JobSummary, TaskRecord, TaskState
+from herder.model import FINAL_TASK_STATES, ID_PATTERN, JobSummary, TaskRecord, TaskState
 
 from .metrics import CONTENT_TYPE, Metrics
 
@@ -126,6 +127,8 @@ def query_router(coord: Coordinator) -> APIRouter:
         ``done`` says no more will come (the task finished, or its attempt
         ended and nothing runs it now): a follower stops there.
         """
+        if not re.match(ID_PATTERN, task_id):  # no task has it, nor a datastore key for logs
+            raise HTTPException(404, f"no task {task_id}")
         view = await coord.logs.read(task_id, stream, offset, attempt)
         record = await coord.store.task(task_id)
         if record is None and view is None:
@@ -186,6 +189,8 @@ def task_json(coord: Coordinator, record: TaskRecord) -> dict[str, Any]:
     """A task as the API shows it, with why it waits when the coordinator knows."""
     reason = coord.waiting_reason(record)
     data = record.model_dump(mode="json")
+    if record.command is not None and record.command.secret_env:
+        data["command"] = record.command.shown().model_dump(mode="json")
     if reason is not None:
         data["waiting_reason"] = reason
     return data

@@ -52,6 +52,7 @@ from herder.selector import Facts, parse_key
 from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission, TaskResult
 from herder.store.sql import SqlStore
 
+from .auth import Authenticator, Principal
 from .bus import Bus
 from .live_routes import LiveFeed
 from .logs import TaskLogs
@@ -126,6 +127,8 @@ class Coordinator:
         self.telemetry = TelemetrySeries(self.store)
         self.metrics = Metrics()
         self.feed = LiveFeed()
+        self.auth = Authenticator(self.secret, self.store, settings.max_auth_failures)
+        self.live_sockets: dict[WebSocket, Principal] = {}
         self.bus = Bus(self)
         # task id -> the last health its agent reported (a cache: runs are
         # short-lived facts, the store keeps restarts and history)
@@ -207,6 +210,7 @@ class Coordinator:
         await self.store.open()
         try:
             await self._recover()
+            await self.auth.load()
             await self.fleet.start(self.settings.home)
             await self.releases.start(self.declared_release)
             config = uvicorn.Config(
@@ -367,6 +371,8 @@ class Coordinator:
         job_name: str | None,
         specs: list[TaskSpec],
         watcher: ClientSession | None,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Commit a batch, then (only then) return so the caller can acknowledge it.
 
@@ -387,7 +393,7 @@ class Coordinator:
             self.watch(watcher, [s.id for s in specs])
         self._known_ckeys.update(s.constraint_key() for s in specs)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._submissions.append((Submission(job_id, job_name, specs), done))
+        self._submissions.append((Submission(job_id, job_name, specs, owner), done))
         self._wake.set()
         try:
             await done
@@ -481,17 +487,22 @@ class Coordinator:
             log.warning("pairing with %s timed out", peer)
             await ws.close(4408, "pairing timed out")
             return
+        except Exception as exc:  # it went away mid-handshake: nothing to undo
+            if not _is_disconnect(exc):
+                raise
+            log.info("agent at %s left while pairing", peer)
+            return
         if session is None:
             return
         try:
             while True:
-                frame = await ws.receive_bytes()
+                frame = await receive_frame(ws)
                 session.last_heard = time.monotonic()
                 for msg in protocol.decode_agent(frame):
                     await self._on_agent_message(session, msg)
         except protocol.ProtocolError as exc:
             log.warning("agent %s sent a bad frame: %s", session.node_id, exc)
-            await ws.close(4400, str(exc)[:120])
+            await close_ws(ws, 4400, str(exc))
         except Exception as exc:  # the socket went away: the expiry loop decides
             if not _is_disconnect(exc):
                 raise
@@ -515,7 +526,7 @@ class Coordinator:
     async def _pair(self, ws: WebSocket, peer: str) -> AgentSession | None:
         await ws.accept()
         try:
-            (hello,) = protocol.decode_agent(await ws.receive_bytes())
+            (hello,) = protocol.decode_agent(await receive_frame(ws))
         except (ValueError, protocol.ProtocolError) as exc:
             log.warning("refused agent at %s: bad hello (%s)", peer, exc)
             await ws.close(4400, "bad hello")
@@ -528,7 +539,7 @@ class Coordinator:
         mac = security.coordinator_proof(self.secret, hello.nonce, nonce)
         await ws.send_bytes(protocol.encode(protocol.Challenge(nonce=nonce, mac=mac)))
         try:
-            (reply,) = protocol.decode_agent(await ws.receive_bytes())
+            (reply,) = protocol.decode_agent(await receive_frame(ws))
         except (ValueError, protocol.ProtocolError) as exc:
             log.warning("refused agent %s at %s: bad proof frame (%s)", hello.node_id, peer, exc)
             await ws.close(4400, "bad proof")
@@ -661,6 +672,15 @@ class Coordinator:
                 return False
             await asyncio.wait({done}, timeout=1.0)
         return done.result() is None
+
+    async def close_sessions_of(self, token_id: str) -> int:
+        """A token was revoked: close the WebSockets it opened (clients and live feeds)."""
+        closing = [c.ws for c in self.clients if c.principal.token_id == token_id]
+        closing += [ws for ws, who in self.live_sockets.items() if who.token_id == token_id]
+        for ws in closing:
+            with contextlib.suppress(Exception):  # gone already: nothing to close
+                await ws.close(4401, "the token was revoked")
+        return len(closing)
 
     async def roll_release(self, release_id: str) -> Manifest:
         """Make ``release_id`` the fleet's release: new tasks run in it, and every
@@ -1107,6 +1127,35 @@ def _is_disconnect(exc: BaseException) -> bool:
     from starlette.websockets import WebSocketDisconnect
 
     return isinstance(exc, (WebSocketDisconnect, ConnectionError, RuntimeError))
+
+
+async def close_ws(ws: WebSocket, code: int, reason: str) -> None:
+    """Close ``ws`` after a bad frame; a peer already gone is no error.
+
+    ``reason`` is cut to what a close frame carries, 123 bytes of UTF-8 (not
+    characters: a peer's non-ASCII tag echoed in a ProtocolError made the close
+    itself fail).
+    """
+    try:
+        await ws.close(code, reason.encode(errors="replace")[:123].decode(errors="ignore"))
+    except Exception as exc:
+        if not _is_disconnect(exc):
+            raise
+
+
+async def receive_frame(ws: WebSocket) -> bytes | str:
+    """The next frame as the peer sent it, binary or text.
+
+    Decoding refuses a text frame with a ProtocolError (and a 4400 close);
+    Starlette's ``receive_bytes`` would raise KeyError on one instead.
+    """
+    from starlette.websockets import WebSocketDisconnect
+
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    data: bytes | str | None = message.get("bytes")
+    return data if data is not None else str(message.get("text") or "")
 
 
 def _log_send_failure(task: asyncio.Future[Any]) -> None:

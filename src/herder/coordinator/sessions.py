@@ -17,6 +17,8 @@ from herder import protocol
 from herder.model import NodeRecord, Reason
 from herder.selector import Facts, parse_key
 
+from .auth import CLUSTER_ADMIN, Principal
+
 log = logging.getLogger("herder.coordinator")
 
 
@@ -122,6 +124,7 @@ class ClientSession:
     """A client's session channel: submissions in, outcomes of watched tasks out."""
 
     ws: WebSocket
+    principal: Principal = CLUSTER_ADMIN  # who opened it: its token's revocation closes it
     watched: set[str] = field(default_factory=set)
     closed: bool = False
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -27,6 +27,7 @@ from herder.model import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    TokenRecord,
 )
 
 
@@ -71,6 +72,7 @@ class Submission:
     job_id: str
     job_name: str | None
     specs: list[TaskSpec]
+    owner: str | None = None  # the API token submitting it (None: the cluster secret)
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,22 @@ class Store(abc.ABC):
         self, *, job_id: str | None = None, since: float | None = None, limit: int = 5000
     ) -> list[dict[str, Any]]:
         """Attempts that started (at or after ``since``), oldest first: for a task stream."""
+
+    @abc.abstractmethod
+    async def job_owners(self, task_ids: list[str] | None, job_id: str | None) -> set[str | None]:
+        """Who submitted the jobs of these tasks (or this job): token ids, None for admins."""
+
+    # --- API tokens ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_token(self, token: TokenRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def tokens(self) -> list[TokenRecord]: ...
+
+    @abc.abstractmethod
+    async def revoke_token(self, token_id: str, now: float) -> TokenRecord | None:
+        """Revoke (idempotent); None when there is no such token."""
 
     # --- telemetry -------------------------------------------------------
 

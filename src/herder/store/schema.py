@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Columns added since an earlier version: ``migrate`` adds them to a store of
 # that version (additive only, so an upgrade never rewrites a table).
@@ -111,6 +111,7 @@ jobs = sa.Table(
     sa.Column("name", sa.String(256)),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float),  # when its first task was leased
+    sa.Column("owner", sa.String(32)),  # the API token that submitted it (None: an admin)
 )
 
 attempts = sa.Table(
@@ -182,6 +183,9 @@ ADDED_COLUMNS[5] = [
 ADDED_COLUMNS[6] = [
     ("jobs", sa.Column("started_at", sa.Float)),
 ]
+ADDED_COLUMNS[7] = [
+    ("jobs", sa.Column("owner", sa.String(32))),
+]
 
 # Telemetry as time series: a node's readings (``task_id`` "") or a task's own,
 # every second (``resolution`` 1) for ten minutes, then as one-minute averages
@@ -196,6 +200,19 @@ samples = sa.Table(
     sa.Column("data", sa.JSON, nullable=False),
 )
 sa.Index("ix_samples_age", samples.c.resolution, samples.c.at)
+
+# API tokens (herder.coordinator.auth): a role each, kept as a digest of the secret.
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(256)),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("revoked_at", sa.Float),
+)
 
 meta = sa.Table(
     "meta",

@@ -38,6 +38,7 @@ from herder.model import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    TokenRecord,
     check_node_transition,
     find_cycle,
     gc_paused,
@@ -361,7 +362,7 @@ class SqlStore(Store):
                     unknown=unknown,
                 )
             _refuse_waiting_on_services(specs, ext_services)
-            job = {"id": job_id, "name": job_name, "created_at": now}
+            job = {"id": job_id, "name": job_name, "created_at": now, "owner": sub.owner}
             conn.execute(self._sql.insert_job, [job])
             seq0 = max(time.time_ns(), self._last_seq + 1)
             self._last_seq = seq0 + len(specs)
@@ -1247,6 +1248,55 @@ class SqlStore(Store):
             return rows[:limit]
 
         return await self._read(_tx)
+
+    async def job_owners(self, task_ids: list[str] | None, job_id: str | None) -> set[str | None]:
+        j = schema.jobs
+
+        def _tx(conn: Connection) -> set[str | None]:
+            owners: set[str | None] = set()
+            if job_id is not None:
+                owners.update(conn.execute(sa.select(j.c.owner).where(j.c.id == job_id)).scalars())
+            for chunk in _chunks(task_ids or []):
+                q = (
+                    sa.select(j.c.owner)
+                    .join(_t, _t.c.job_id == j.c.id)
+                    .where(_t.c.id.in_(chunk))
+                    .distinct()
+                )
+                owners.update(conn.execute(q).scalars())
+            return owners
+
+        return await self._read(_tx)
+
+    # --- API tokens ----------------------------------------------------------------
+
+    async def add_token(self, token: TokenRecord) -> None:
+        def _tx(conn: Connection) -> None:
+            conn.execute(schema.tokens.insert().values(**token.model_dump()))
+
+        await self._write(_tx)
+
+    async def tokens(self) -> list[TokenRecord]:
+        q = sa.select(schema.tokens).order_by(schema.tokens.c.created_at, schema.tokens.c.id)
+
+        def _tx(conn: Connection) -> list[TokenRecord]:
+            return [TokenRecord.model_validate(dict(r._mapping)) for r in conn.execute(q)]
+
+        return await self._read(_tx)
+
+    async def revoke_token(self, token_id: str, now: float) -> TokenRecord | None:
+        t = schema.tokens
+
+        def _tx(conn: Connection) -> TokenRecord | None:
+            conn.execute(
+                t.update()
+                .where(t.c.id == token_id, t.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            row = conn.execute(sa.select(t).where(t.c.id == token_id)).first()
+            return None if row is None else TokenRecord.model_validate(dict(row._mapping))
+
+        return await self._write(_tx)
 
     # --- telemetry ---------------------------------------------------------------
 

@@ -6,7 +6,9 @@
 // leaves with the tab. Data is always put in the page as text (see el() in
 // dom.js), never as HTML: task names, logs and tracebacks come from users' code.
 
-import { $, el, fmtBytes, fmtDuration, fmtTime, stateBadge, table, throttle } from "./dom.js";
+import {
+  $, el, fmtBytes, fmtDuration, fmtTime, plotlyReady, stateBadge, table, throttle,
+} from "./dom.js";
 import { drawGantt } from "./gantt.js";
 
 const TOKEN_KEY = "herder.token";
@@ -355,7 +357,10 @@ async function seedTelemetry(nodeId) {
 }
 
 function renderCharts() {
-  if (!window.Plotly) return;
+  if (!window.Plotly) {
+    plotlyReady().then(renderCharts, () => {});  // the charts stay empty; the rest works
+    return;
+  }
   const alive = app.executors.filter((n) => !["terminated", "lost"].includes(n.state));
   const trace = (node, key) => {
     const s = seriesOf(node.id);

@@ -23,6 +23,23 @@ export function el(tag, attrs = {}, ...children) {
 
 export const $ = (selector) => document.querySelector(selector);
 
+let plotly = null;
+
+/**
+ * Load plotly.min.js (4.8 MB) once, when a chart is first drawn: as a script in
+ * the page it would hold back app.js (deferred scripts run in order) and with
+ * it the first paint, by seconds on a slow machine.
+ */
+export function plotlyReady() {
+  plotly ??= new Promise((resolve, reject) => {
+    const script = el("script", { src: "/static/plotly.min.js" });
+    script.addEventListener("load", () => resolve(window.Plotly));
+    script.addEventListener("error", () => reject(new Error("plotly.min.js did not load")));
+    document.head.append(script);
+  });
+  return plotly;
+}
+
 export function fmtTime(epoch) {
   if (epoch === null || epoch === undefined) return "";
   const d = new Date(epoch * 1000);

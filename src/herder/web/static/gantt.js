@@ -1,7 +1,7 @@
 // The timeline as a Gantt chart drawn with plotly, like Dask's task stream:
 // one lane per node slot, one bar per attempt, coloured by its outcome.
 
-import { el, fmtDuration } from "./dom.js";
+import { el, fmtDuration, plotlyReady } from "./dom.js";
 
 export const COLOURS = {
   succeeded: "#16a34a",
@@ -53,8 +53,15 @@ const plain = (text) => String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;"
  * Draw `attempts` into `box`. `label` names nodes, `revision` keeps the user's
  * zoom across redraws of the same chart, `onClick(taskId)` opens a task.
  */
-export function drawGantt(box, attempts, { label, revision, onClick }) {
-  if (!window.Plotly) { box.textContent = "plotly.min.js did not load"; return; }
+export function drawGantt(box, attempts, options) {
+  if (!window.Plotly) {
+    plotlyReady().then(
+      () => drawGantt(box, attempts, options),
+      (error) => { box.textContent = error.message; },
+    );
+    return;
+  }
+  const { label, revision, onClick } = options;
   if (!attempts.length) {
     Plotly.purge(box);
     box.replaceChildren(el("p", { class: "muted" }, "no attempts"));
