@@ -130,7 +130,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         done = await coord.store.finished_since(time.time() - window_s)
         return {
             "url": coord.url,
-            "counts": await coord.store.counts(),
+            "counts": await coord.counts(),
             "nodes": {s: sum(1 for n in nodes if n.state == s) for s in {n.state for n in nodes}},
             "agents": stats.agents,
             "throughput": done / window_s,

@@ -134,7 +134,7 @@ async def snapshot(coord: Coordinator) -> dict[str, Any]:
         "type": "snapshot",
         "at": now,
         "status": {
-            "counts": await coord.store.counts(),
+            "counts": await coord.counts(),
             "agents": len(coord.agents),
             "throughput": done / THROUGHPUT_WINDOW_S,
         },

@@ -153,7 +153,7 @@ def query_router(coord: Coordinator) -> APIRouter:
 
 async def _refresh(coord: Coordinator, metrics: Metrics) -> None:
     """Set the gauges that come from the store and the sessions."""
-    metrics.set_tasks(await coord.store.counts(), [s.value for s in TaskState])
+    metrics.set_tasks(await coord.counts(), [s.value for s in TaskState])
     nodes: dict[tuple[str, str], int] = {}
     for n in await coord.store.nodes(alive_only=True):
         key = (n.state.value, n.provider)

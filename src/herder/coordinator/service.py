@@ -65,6 +65,7 @@ log = logging.getLogger("herder.coordinator")
 
 # How long a node may take to install the fleet's release before it is given up on.
 RELEASE_LOAD_TIMEOUT_S = 30 * 60.0
+COUNTS_CACHE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ class Coordinator:
         self.feed = LiveFeed()
         self.auth = Authenticator(self.secret, self.store, settings.max_auth_failures)
         self.live_sockets: dict[WebSocket, Principal] = {}
+        self._counts: tuple[float, dict[str, int]] = (-COUNTS_CACHE_S, {})
+        self._counts_lock = asyncio.Lock()
         self.bus = Bus(self)
         # task id -> the last health its agent reported (a cache: runs are
         # short-lived facts, the store keeps restarts and history)
@@ -672,6 +675,20 @@ class Coordinator:
                 return False
             await asyncio.wait({done}, timeout=1.0)
         return done.result() is None
+
+    async def counts(self) -> dict[str, int]:
+        """Tasks by state, at most ``COUNTS_CACHE_S`` old.
+
+        A count reads every task (a million index entries take half a second
+        here); the status route, each live dashboard and ``/metrics`` all ask
+        every second or so, and share one count instead of each making its own.
+        """
+        async with self._counts_lock:
+            at, counts = self._counts
+            if time.monotonic() - at >= COUNTS_CACHE_S:
+                counts = await self.store.counts()
+                self._counts = (time.monotonic(), counts)
+            return counts
 
     async def close_sessions_of(self, token_id: str) -> int:
         """A token was revoked: close the WebSockets it opened (clients and live feeds)."""
