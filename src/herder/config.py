@@ -50,6 +50,10 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     # Failed authentications a source may make in a minute before it is refused (429).
     max_auth_failures: int = 20
+    # HTTP connections one source may hold open; request bodies larger than this
+    # (besides datastore uploads, which stream) are refused with 413.
+    max_connections_per_source: int = 512
+    max_body_mb: float = 256.0
 
     @property
     def secret_path(self) -> Path:
@@ -120,6 +124,8 @@ _ENV_KEYS = {
     "HERDER_ADVERTISE_URL": "advertise_url",
     "HERDER_DATASTORE": "datastore_url",
     "HERDER_MAX_AUTH_FAILURES": "max_auth_failures",
+    "HERDER_MAX_CONNECTIONS_PER_SOURCE": "max_connections_per_source",
+    "HERDER_MAX_BODY_MB": "max_body_mb",
 }
 _TIMEOUT_KEYS = {f.name for f in fields(Timeouts)}
 _TOP_KEYS = {
@@ -130,6 +136,8 @@ _TOP_KEYS = {
     "datastore_options",
     "allowed_hosts",
     "max_auth_failures",
+    "max_connections_per_source",
+    "max_body_mb",
 }
 
 
@@ -182,8 +190,11 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
         else:
             values[key] = value
     values.setdefault("store_url", f"sqlite:///{home / 'herd.db'}")
-    if "max_auth_failures" in values:
-        values["max_auth_failures"] = int(values["max_auth_failures"])
+    for key in ("max_auth_failures", "max_connections_per_source"):
+        if key in values:
+            values[key] = int(values[key])
+    if "max_body_mb" in values:
+        values["max_body_mb"] = float(values["max_body_mb"])
     settings = Settings(home=home, **values)
     if timeouts:
         settings = replace(settings, timeouts=replace(settings.timeouts, **timeouts))

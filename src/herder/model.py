@@ -156,6 +156,7 @@ class Reason(enum.StrEnum):
 # Identifiers
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+MAX_PAYLOAD_BYTES = 32 * 2**20
 # a release id: "r-" and the start of the sha256 of its content (herder.releases)
 RELEASE_ID_PATTERN = r"^r-[0-9a-f]{20}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -427,9 +428,10 @@ class TaskSpec(BaseModel):
     id: Annotated[str, Field(pattern=ID_PATTERN)]
     kind: Literal["call", "command"]
     name: str | None = Field(default=None, max_length=256)
-    payload: bytes | None = None
+    # a Python call's function and arguments, pickled: big data goes by the datastore
+    payload: bytes | None = Field(default=None, max_length=MAX_PAYLOAD_BYTES)
     command: CommandSpec | None = None
-    depends_on: list[str] = Field(default_factory=list)
+    depends_on: list[str] = Field(default_factory=list, max_length=100_000)
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
     max_attempts: int = Field(default=3, ge=1, le=100)
     timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)

@@ -28,6 +28,7 @@ from .bus import answer_send, bus_router
 from .dashboard_routes import dashboard_router
 from .data_routes import data_router
 from .fleet_routes import fleet_router
+from .guard import BodyLimit
 from .hosts import HostGuard, local_names
 from .live_routes import live_router
 from .query_routes import job_json, query_router, task_json
@@ -101,6 +102,7 @@ def create_app(coord: Coordinator) -> FastAPI:
     advertised = [coord.url, *([settings.advertise_url] if settings.advertise_url else [])]
     allowed = local_names(settings.listen_host, advertised) | set(settings.allowed_hosts)
     app.add_middleware(HostGuard, allowed=allowed)
+    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20))
     app.include_router(live_router(coord))  # authenticated by its first message
     app.include_router(dashboard_router(), dependencies=auth)  # public: files without data
     app.include_router(bus_router(coord), dependencies=auth)

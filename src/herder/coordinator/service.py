@@ -54,6 +54,7 @@ from herder.store.sql import SqlStore
 
 from .auth import Authenticator, Principal
 from .bus import Bus
+from .guard import ConnectionCounter, guarded_protocol
 from .live_routes import LiveFeed
 from .logs import TaskLogs
 from .metrics import Metrics
@@ -132,6 +133,7 @@ class Coordinator:
         self.live_sockets: dict[WebSocket, Principal] = {}
         self._counts: tuple[float, dict[str, int]] = (-COUNTS_CACHE_S, {})
         self._counts_lock = asyncio.Lock()
+        self.connections = ConnectionCounter(settings.max_connections_per_source)
         self.bus = Bus(self)
         # task id -> the last health its agent reported (a cache: runs are
         # short-lived facts, the store keeps restarts and history)
@@ -223,6 +225,8 @@ class Coordinator:
                 log_level="warning",
                 lifespan="off",
                 ws_max_size=protocol.MAX_FRAME_BYTES,
+                http=guarded_protocol(self.connections),  # slowloris, per-source cap
+                timeout_keep_alive=5,
                 ws_ping_interval=None,
                 timeout_graceful_shutdown=2,
             )
