@@ -14,7 +14,7 @@ import gc
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 import msgpack
@@ -308,6 +308,14 @@ class CommandSpec(BaseModel):
         if unknown:
             raise ValueError(f"secret_env names {unknown[0]!r}, which is not in env")
         return self
+
+    def with_secrets(self, change: Callable[[str], str]) -> CommandSpec:
+        """The spec with each secret variable's value passed through ``change``
+        (sealing on the coordinator, unsealing on the agent)."""
+        if not self.secret_env:
+            return self
+        env = {k: change(v) if k in self.secret_env else v for k, v in self.env.items()}
+        return self.model_copy(update={"env": env})
 
     def shown(self) -> CommandSpec:
         """The spec as shown to people: secret environment values replaced by ``***``."""

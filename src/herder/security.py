@@ -395,6 +395,39 @@ def parse_token(text: str) -> JoinToken | ApiToken:
     return JoinToken.parse(text)
 
 
+# --------------------------------------------------------------------------- sealed values
+
+_SEALED = "sealed:v1:"
+
+
+def seal(secret: bytes, text: str) -> str:
+    """``text`` encrypted with a key derived from the cluster secret (AES-GCM), so a
+    secret variable is not at rest in the store in the clear; agents unseal it."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(_sealing_key(secret)).encrypt(nonce, text.encode(), None)
+    return _SEALED + _b64encode(nonce + sealed)
+
+
+def unseal(secret: bytes, value: str) -> str:
+    """The text of a :func:`seal` ed value (a value that is not sealed is returned as is)."""
+    if not value.startswith(_SEALED):
+        return value
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    raw = base64.urlsafe_b64decode(value[len(_SEALED) :] + "=" * (-len(value) % 4))
+    try:
+        return AESGCM(_sealing_key(secret)).decrypt(raw[:12], raw[12:], None).decode()
+    except InvalidTag as exc:
+        raise SecurityError("a sealed value does not open with this cluster's secret") from exc
+
+
+def _sealing_key(secret: bytes) -> bytes:
+    return _hmac(secret, b"herder sealed values v1")
+
+
 def _check_nonces(first: bytes, second: bytes) -> None:
     """Fixed-length nonces keep ``first + second`` unambiguous."""
     if len(first) != NONCE_BYTES or len(second) != NONCE_BYTES:

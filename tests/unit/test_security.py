@@ -529,3 +529,18 @@ def test_the_protocol_asks_for_nonces_of_the_length_the_handshake_uses() -> None
     from herder import protocol, security
 
     assert protocol.HELLO_NONCE_BYTES == security.NONCE_BYTES
+
+
+def test_sealed_values_open_only_with_the_same_secret() -> None:
+    from herder import security
+    from herder.errors import SecurityError
+
+    key, other = bytes(range(32)), bytes(32)
+    sealed = security.seal(key, "hunter2")
+    assert sealed.startswith("sealed:v1:")
+    assert "hunter2" not in sealed
+    assert security.seal(key, "hunter2") != sealed  # a fresh nonce each time
+    assert security.unseal(key, sealed) == "hunter2"
+    assert security.unseal(key, "plain") == "plain"
+    with pytest.raises(SecurityError, match="does not open"):
+        security.unseal(other, sealed)

@@ -691,6 +691,20 @@ class Agent:
 
     async def _execute(self, slot: Slot, a: protocol.Assignment) -> None:
         loop = asyncio.get_running_loop()
+        if a.command is not None and a.command.secret_env:  # stored sealed: open them here
+            try:
+                opened = a.command.with_secrets(lambda v: security.unseal(self.config.secret, v))
+            except SecurityError as exc:
+                self._report(
+                    a,
+                    {
+                        "state": "failed",
+                        "reason": "error",
+                        "error": {"type": "SecurityError", "message": str(exc)},
+                    },
+                )
+                return
+            a = a.model_copy(update={"command": opened})
         handle: asyncio.TimerHandle | None = None
         try:
             if a.start_delay_s > 0:  # a restarted service's back-off: not started yet
@@ -711,6 +725,10 @@ class Agent:
         finally:
             if handle is not None:
                 handle.cancel()
+        self._report(a, out)
+
+    def _report(self, a: protocol.Assignment, out: dict[str, Any]) -> None:
+        """Queue the outcome of ``a`` for the coordinator (resent until acknowledged)."""
         item = protocol.ResultItem(
             task_id=a.task_id,
             lease_id=a.lease_id,

@@ -390,6 +390,7 @@ class Coordinator:
         if self.is_stopping:
             raise SubmissionError("the coordinator is shutting down", status=503)
         await self.releases.check(specs)
+        specs = [self._sealed(s) for s in specs]
         fleet_release = self.releases.fleet_release
         if fleet_release is not None:  # bound now: a later roll-out does not move it
             specs = [
@@ -679,6 +680,13 @@ class Coordinator:
                 return False
             await asyncio.wait({done}, timeout=1.0)
         return done.result() is None
+
+    def _sealed(self, spec: TaskSpec) -> TaskSpec:
+        """Secret variables are stored sealed (see security.seal); agents open them."""
+        if spec.command is None or not spec.command.secret_env:
+            return spec
+        command = spec.command.with_secrets(lambda v: security.seal(self.secret, v))
+        return spec.model_copy(update={"command": command})
 
     async def counts(self) -> dict[str, int]:
         """Tasks by state, at most ``COUNTS_CACHE_S`` old.

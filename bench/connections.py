@@ -1,0 +1,131 @@
+"""Answers under siege: authenticated requests with 1,000 idle connections and slowloris
+clients open, against the same requests on a quiet coordinator, in one run.
+
+A coordinator with no agents. Quiet: ``--requests`` sequential authenticated
+``GET /v1/status`` (a fresh TLS connection each, as a new client would make);
+p50 and p99. Siege: 1,000 TLS connections that send nothing (from 127.0.0.2 to
+127.0.0.5, 250 each: every loopback address is a different source, and one
+source may hold 512) plus 50 slowloris clients that send a header line a
+second and never finish (from 127.0.0.6); the same requests from 127.0.0.1
+meanwhile. The figure is the ratio of the two p99s (target: at most 2).
+Writes ``bench/results-connections.json``. Run: ``.venv/bin/python bench/connections.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import ssl
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from herder.local import LocalHerd
+
+HERE = Path(__file__).parent
+console = Console()
+
+
+def tls(url: str, source: str) -> ssl.SSLSocket:
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0))
+    return context.wrap_socket(raw, server_hostname=host)
+
+
+def timings(url: str, headers: dict[str, str], count: int) -> list[float]:
+    out = []
+    for _ in range(count):
+        started = time.perf_counter()
+        answer = httpx.get(f"{url}/v1/status", headers=headers, verify=False, timeout=30)
+        out.append(time.perf_counter() - started)
+        answer.raise_for_status()
+    return out
+
+
+def p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1]
+
+
+def drip(url: str, stop: threading.Event, cut: list[int]) -> None:
+    """A slowloris client: a header line a second, never the blank line; again when cut."""
+    while not stop.is_set():
+        try:
+            sock = tls(url, "127.0.0.6")
+            sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            while not stop.wait(1.0):
+                sock.sendall(b"X-Drip: a\r\n")
+        except (OSError, ssl.SSLError):
+            cut.append(1)  # cut off by the coordinator's deadline: it tries again
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--slowloris", type=int, default=50)
+    parser.add_argument("--requests", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="herder-bench-conn-") as home:
+        herd = LocalHerd(nodes=0, home=Path(home))
+        client = herd.start()
+        headers = {"authorization": client.aio.http.headers["authorization"]}
+        try:
+            timings(herd.url, headers, 20)  # warm up
+            quiet = timings(herd.url, headers, args.requests)
+            sources = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+            idle = [tls(herd.url, sources[i % len(sources)]) for i in range(args.idle)]
+            stop, cut = threading.Event(), []
+            drippers = [
+                threading.Thread(target=drip, args=(herd.url, stop, cut), daemon=True)
+                for _ in range(args.slowloris)
+            ]
+            for t in drippers:
+                t.start()
+            time.sleep(2)
+            siege = timings(herd.url, headers, args.requests)
+            still_open = sum(1 for s in idle if s.fileno() != -1)
+            stop.set()
+            for s in idle:
+                s.close()
+            for t in drippers:
+                t.join(5)
+        finally:
+            herd.stop()
+    results = {
+        "machine": f"{platform.node()} {platform.machine()} python {platform.python_version()}",
+        "idle_connections": args.idle,
+        "slowloris_clients": args.slowloris,
+        "requests": args.requests,
+        "quiet_p50_ms": 1000 * statistics.median(quiet),
+        "quiet_p99_ms": 1000 * p(quiet, 99),
+        "siege_p50_ms": 1000 * statistics.median(siege),
+        "siege_p99_ms": 1000 * p(siege, 99),
+        "slowloris_cut_off": len(cut),
+        "idle_sockets_open_at_the_end": still_open,
+    }
+    results["p99_ratio"] = results["siege_p99_ms"] / results["quiet_p99_ms"]
+    table = Table("GET /v1/status, new TLS connection each", "p50", "p99")
+    table.add_row("quiet", f"{results['quiet_p50_ms']:.1f} ms", f"{results['quiet_p99_ms']:.1f} ms")
+    table.add_row(
+        f"{args.idle} idle + {args.slowloris} slowloris",
+        f"{results['siege_p50_ms']:.1f} ms",
+        f"{results['siege_p99_ms']:.1f} ms",
+    )
+    table.add_row("ratio", "", f"x{results['p99_ratio']:.2f}")
+    console.print(table)
+    console.print(f"slowloris connections cut off by the deadline: {len(cut)}")
+    (HERE / "results-connections.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
