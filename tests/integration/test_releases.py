@@ -298,3 +298,30 @@ def test_cli_and_tasks_file(site: Site, tmp_path: Path) -> None:
     bad = run_cli(env, "release", "rm", "r-00000000000000000000", check=False)
     assert bad.returncode == 1
     assert "does not exist" in bad.stderr
+
+
+def test_herder_up_release_is_loaded_by_every_node_before_it_is_ready(
+    site: Site, tmp_path: Path
+) -> None:
+    """``herder up --release RID`` (as ``[fleet] release``): the herd's own local nodes
+    load it before they take work, and tasks that name no release run in it."""
+    rid = site.release(site.v2)
+    home = tmp_path / "home"
+    home.mkdir()
+    # the same datastore as the site's, so the release is there
+    (home / "herder.toml").write_text(
+        f'[coordinator]\ndatastore_url = "{(site.herd.home / "data").as_uri()}"\n'
+    )
+    herd = LocalHerd(nodes=2, home=home, extra_args=["--release", rid])
+    client = herd.start()
+    try:
+        herd.wait_nodes(2, timeout=120)
+        status = client.release_status()
+        assert status["fleet_release"] == rid
+        assert all(n["fleet_release_ready"] for n in status["nodes"])
+        # relpkg.info is pickled by reference: the node imports the release's (v2)
+        assert client.submit(_info()).result(timeout=60)["version"] == "v2"
+        events = {e["action"]: e for e in client.event_log(limit=1000)}
+        assert events["release_ready"]["data"]["release"] == rid
+    finally:
+        herd.stop()
