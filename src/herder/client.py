@@ -59,6 +59,7 @@ from herder.errors import (
 from herder.model import (
     CommandSpec,
     Limits,
+    ResultRef,
     ServiceSpec,
     TaskRef,
     TaskSpec,
@@ -183,6 +184,8 @@ class TaskFuture:
         self._outcome: asyncio.Future[protocol.Outcome] = loop.create_future()
         # (fraction, message) as the task last reported with herder.task.progress
         self.progress: tuple[float, str] | None = None
+        # fetches a result the node put in the datastore (too big to travel inline)
+        self.fetch: Callable[[str], Awaitable[bytes]] | None = None
 
     def __repr__(self) -> str:
         state = self._outcome.result().state if self._outcome.done() else "pending"
@@ -205,7 +208,10 @@ class TaskFuture:
 
     async def result(self) -> Any:
         await self.submitted
-        return decode_outcome(await self._outcome, self.kind)
+        value = decode_outcome(await self._outcome, self.kind)
+        if isinstance(value, ResultRef) and self.fetch is not None:
+            value = cloudpickle.loads(await self.fetch(value.key))
+        return value
 
     async def exception(self) -> BaseException | None:
         try:
@@ -647,10 +653,18 @@ class AsyncClient:
         )
         return self._enqueue(self._job(job), None, spec)
 
+    def _future(self, task_id: str, job_id: str, kind: str) -> TaskFuture:
+        fut = TaskFuture(task_id, job_id, kind)
+        fut.fetch = self._fetch_result
+        return fut
+
+    async def _fetch_result(self, key: str) -> bytes:
+        return await asyncio.to_thread(self.data.cat, key)
+
     def _enqueue(self, job_id: str, job_name: str | None, spec: TaskSpec) -> TaskFuture:
         if self._closed:
             raise ClientClosed()
-        fut = TaskFuture(spec.id, job_id, spec.kind)
+        fut = self._future(spec.id, job_id, spec.kind)
         self._futures[spec.id] = fut
         self._pending.append((job_name, spec, fut))
         if not self._flush_scheduled:
@@ -686,7 +700,7 @@ class AsyncClient:
         """Submit prepared specs as one transaction; returns once committed."""
         futs = []
         for spec in specs:
-            fut = TaskFuture(spec.id, job_id, spec.kind)
+            fut = self._future(spec.id, job_id, spec.kind)
             self._futures[spec.id] = fut
             futs.append(fut)
         self._send_submit(job_id, job_name, specs, futs)
@@ -762,7 +776,7 @@ class AsyncClient:
         """A future for a task submitted elsewhere (e.g. by ``herder push``)."""
         fut = self._futures.get(task_id)
         if fut is None:
-            fut = TaskFuture(task_id, "", kind)
+            fut = self._future(task_id, "", kind)
             fut.submitted.set_result(None)
             self._futures[task_id] = fut
             if self._ws is not None:

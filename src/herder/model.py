@@ -540,6 +540,37 @@ class TaskRef:
         return (TaskRef, (self.task_id,))
 
 
+# A call's pickled result larger than this is put in the datastore by the node,
+# and only a ResultRef to it travels and is stored.
+INLINE_RESULT_BYTES = 1024 * 1024
+
+
+class ResultRef:
+    """Stands for a result too big to travel inline: where the node put its pickle.
+
+    The worker stores the pickled value under ``key`` and returns this, pickled,
+    as the task's result; the coordinator keeps and forwards those few bytes
+    without looking, and the client, or a dependent task's worker, fetches and
+    unpickles the value.
+    """
+
+    __slots__ = ("key", "size")
+
+    def __init__(self, key: str, size: int) -> None:
+        self.key = key
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"ResultRef({self.key!r}, {self.size})"
+
+    def __reduce__(self) -> tuple[type[ResultRef], tuple[str, int]]:
+        return (ResultRef, (self.key, self.size))
+
+
+def result_key(task_id: str, attempt: int) -> str:
+    return f"results/{task_id}/{attempt}"
+
+
 # ---------------------------------------------------------------------------
 # Releases (herder.releases keeps the manifest; the same pattern is there)
 

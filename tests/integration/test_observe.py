@@ -237,7 +237,7 @@ def test_the_live_socket_wants_a_token_then_pushes_snapshots_and_events(
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 got.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
-                if any(m["type"] == "event" for m in got) and got[0]["type"] == "snapshot":
+                if any(m["type"] == "event" and m["event"]["action"] == "task_failed" for m in got):
                     break
         return got
 

@@ -79,6 +79,7 @@ class Slot:
         # the release its worker runs in (None: the agent's own environment), held in use
         self._release: Installed | None = None
         self._hold: Hold | None = None
+        self._data_sent: Any = None  # the datastore context this worker was last given
 
     @property
     def release_id(self) -> str | None:
@@ -132,7 +133,12 @@ class Slot:
             "payload": task.payload,
             "dep_results": task.dep_results,
         }
-        if task.command is not None:
+        if task.command is None:
+            # where a big result goes: the datastore's address only when it changed
+            frame.update(task_id=task.task_id, attempt=task.attempt)
+            if self.context.get("data") is not self._data_sent:
+                frame["data"] = self._data_sent = self.context.get("data")
+        else:
             frame.update(
                 self.context,
                 command=task.command.model_dump(),
@@ -239,6 +245,7 @@ class Slot:
 
     async def _reap(self) -> int | None:
         proc, self._proc = self._proc, None
+        self._data_sent = None  # a new worker is told again
         if self._writer is not None:
             self._writer.close()
             self._writer = self._reader = None

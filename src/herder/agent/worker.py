@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, NoReturn
 import cloudpickle
 import msgpack
 
-from herder.model import TaskRef
+from herder.model import INLINE_RESULT_BYTES, ResultRef, TaskRef, result_key
 
 
 def _read_frame(stream: BinaryIO) -> dict[str, Any] | None:
@@ -58,6 +58,15 @@ def _resolve(value: Any, deps: dict[str, Any]) -> Any:
     return value
 
 
+def _fetched(value: Any, data: Any) -> Any:
+    """A dependency's result: fetched from the datastore when it was too big to travel."""
+    if not isinstance(value, ResultRef):
+        return value
+    if data is None:
+        raise RuntimeError(f"the result in {value.key} needs the datastore, which is unknown here")
+    return cloudpickle.loads(data.cat(value.key))
+
+
 def _error(exc: BaseException) -> dict[str, Any]:
     return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
@@ -66,14 +75,22 @@ def _error(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def run_call(payload: bytes, dep_results: dict[str, bytes]) -> dict[str, Any]:
+def run_call(
+    payload: bytes, dep_results: dict[str, bytes], data: Any = None, key: str | None = None
+) -> dict[str, Any]:
+    """Run a pickled call. ``data`` (a DataClient) and ``key`` say where a result too
+    big to travel inline goes; dependencies' big results are fetched from it."""
     try:
         fn, args, kwargs = cloudpickle.loads(payload)
-        deps = {k: cloudpickle.loads(v) for k, v in dep_results.items()}
+        deps = {k: _fetched(cloudpickle.loads(v), data) for k, v in dep_results.items()}
         args = _resolve(tuple(args), deps)
         kwargs = _resolve(dict(kwargs), deps)
         value = fn(*args, **kwargs)
-        return {"state": "succeeded", "result": cloudpickle.dumps(value)}
+        result = cloudpickle.dumps(value)
+        if len(result) > INLINE_RESULT_BYTES and data is not None and key is not None:
+            data.put(key, result)
+            result = cloudpickle.dumps(ResultRef(key, len(result)))
+        return {"state": "succeeded", "result": result}
     except BaseException as exc:  # a task failure is a result, whatever it raised
         try:
             pickled: bytes | None = cloudpickle.dumps(exc)
@@ -239,13 +256,15 @@ class _Channel:
             node._deliver(node.Message(frame["deliver"], frame.get("data"), frame["sender"]))
 
 
-def _captured(channel: _Channel, frame: dict[str, Any]) -> dict[str, Any]:
+def _captured(channel: _Channel, commands: _Commands, frame: dict[str, Any]) -> dict[str, Any]:
     """Run a Python call with what it prints sent to the agent as its output."""
     out_stream, err_stream = _TaskStream(channel, "stdout"), _TaskStream(channel, "stderr")
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out_stream, err_stream
     try:
-        return run_call(frame["payload"], frame.get("dep_results") or {})
+        key = result_key(frame["task_id"], frame["attempt"]) if "task_id" in frame else None
+        data = commands._client(frame["data"]) if "data" in frame else commands._data
+        return run_call(frame["payload"], frame.get("dep_results") or {}, data, key)
     finally:
         sys.stdout, sys.stderr = saved
         out_stream.flush()
@@ -271,7 +290,11 @@ def main(fd: int, bus_fd: int) -> None:
         channel.busy = True
         task._running.set()
         try:
-            out = _captured(channel, frame) if frame["kind"] == "call" else commands.run(frame)
+            out = (
+                _captured(channel, commands, frame)
+                if frame["kind"] == "call"
+                else commands.run(frame)
+            )
         finally:
             task._running.clear()
             node._clear()
