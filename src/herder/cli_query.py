@@ -6,10 +6,8 @@ one line to stderr and exits 1.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -17,40 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from herder.errors import HerderError
+from herder.cli_release import HomeOpt, JsonOpt, connected
 
 if TYPE_CHECKING:
-    from herder.client import Client
+    pass
 
 T = TypeVar("T")
 console = Console()
 
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", envvar="HERDER_HOME", help="The herder home directory.")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 REPORT_TASKS = 20_000  # finished tasks a report reads (the slowest and the failures among them)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-@contextmanager
-def _herd(home: Path | None) -> Iterator[Client]:
-    from herder.client import connect
-
-    env = dict(os.environ)
-    if home is not None:
-        env["HERDER_HOME"] = str(home)
-    try:
-        with connect(env=env) as herd:
-            yield herd
-    except HerderError as exc:
-        raise _fail(str(exc)) from exc
-    except OSError as exc:
-        raise _fail(f"cannot reach the coordinator: {exc}") from exc
 
 
 def _print_json(data: Any) -> None:
@@ -70,7 +43,7 @@ def register_query_commands(app: typer.Typer) -> None:
 
 def executors(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Nodes alive: state, slots used/free, CPU and memory now, what runs there."""
-    with _herd(home) as herd:
+    with connected(home) as herd:
         rows = herd.executors()
     if as_json:
         _print_json(rows)
@@ -97,7 +70,7 @@ def usage(
     as_json: JsonOpt = False,
 ) -> None:
     """Resource use per node and in total: now, average and peak over the window."""
-    with _herd(home) as herd:
+    with connected(home) as herd:
         data = herd.resource_usage(window)
     if as_json:
         _print_json(data)
@@ -128,7 +101,7 @@ def logs(
 ) -> None:
     """A task's output: live while it runs, kept in the datastore after it ends."""
     stream = "stderr" if stderr else "stdout"
-    with _herd(home) as herd:
+    with connected(home) as herd:
         if follow:
             for chunk in herd.follow_logs(task, stream):
                 sys.stdout.write(chunk)
@@ -144,7 +117,7 @@ def top(
     """A live terminal view of the herd (q quits; keys are shown at the bottom)."""
     from herder.tui import run_top
 
-    with _herd(home) as herd:
+    with connected(home) as herd:
         run_top(herd, refresh_s=refresh)
 
 
@@ -156,7 +129,7 @@ def report(
     """One self-contained HTML page about a job: timeline, utilisation, slowest, failures."""
     from herder.report import render_report
 
-    with _herd(home) as herd:
+    with connected(home) as herd:
         summary = herd.job(job)
         tasks = _all(lambda after: herd.tasks_finished(job=job, limit=5000, after=after))
         timeline = herd.timeline(job=job, limit=100_000)

@@ -45,7 +45,9 @@ def _fail(message: str) -> typer.Exit:
 
 
 @contextmanager
-def _herd(home: Path | None) -> Iterator[Client]:
+def connected(home: Path | None) -> Iterator[Client]:
+    """A client of the coordinator this home (or the environment) names; a failure to
+    reach it is one line on stderr and exit status 1 (also for herder.cli_query)."""
     from herder.client import connect
 
     env = dict(os.environ)
@@ -61,7 +63,7 @@ def _herd(home: Path | None) -> Iterator[Client]:
 
 
 def _run(home: Path | None, action: Callable[[Client], T]) -> T:
-    with _herd(home) as herd:
+    with connected(home) as herd:
         return action(herd)
 
 
