@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench faults clean
+.PHONY: demo test lint typecheck bench faults coordinators clean
 
 $(BIN)/herder: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,28 @@ typecheck: $(BIN)/herder
 
 test: lint typecheck
 	$(BIN)/python ../shared/tools/check_layers.py src || test ! -f ../shared/tools/check_layers.py
-	$(BIN)/pytest -q -rfEs -p no:cacheprovider tests
+	$(BIN)/pytest -q -rfEs -p no:cacheprovider -n 2 --dist loadfile tests
 
+# herder side by side with Dask, Ray, Celery and a process pool (installs them into
+# bench/.venv-peers); BENCH_ARGS=--quick while developing.
 bench: $(BIN)/herder
-	$(BIN)/python bench/core.py
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+# The fault suite at the issue's full size (tests/faults); then FAULTS.md from its rows.
+# HERDER_FAULT_SEED=N replays one run's fault schedules.
+FAULTS_RESULTS := build/faults
+faults: $(BIN)/herder
+	rm -rf $(FAULTS_RESULTS)
+	HERDER_FAULTS_FULL=1 HERDER_FAULTS_RESULTS=$(FAULTS_RESULTS) \
+		$(BIN)/pytest -q -rfEs -p no:cacheprovider --timeout 3600 tests/faults; \
+		status=$$?; \
+		$(BIN)/python tests/faults/render_faults.py $(FAULTS_RESULTS) FAULTS.md && exit $$status
+
+# Several coordinators on one PostgreSQL at full size: 50,000 tasks on 6 agents with the
+# leader killed, two coordinators racing for 60 s (tests/integration/test_coordinators.py).
+coordinators: $(BIN)/herder
+	HERDER_FAULT_SCALE=10 $(BIN)/pytest -q -rfEs -p no:cacheprovider -s --timeout 3600 \
+		tests/integration/test_coordinators.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

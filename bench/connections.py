@@ -6,8 +6,10 @@ A coordinator with no agents. Quiet: ``--requests`` sequential authenticated
 p50 and p99. Siege: 1,000 TLS connections that send nothing (from 127.0.0.2 to
 127.0.0.5, 250 each: every loopback address is a different source, and one
 source may hold 512) plus 50 slowloris clients that send a header line a
-second and never finish (from 127.0.0.6); the same requests from 127.0.0.1
-meanwhile. The figure is the ratio of the two p99s (target: at most 2).
+second and never finish (from 127.0.0.6); once all are connected, the same
+requests from 127.0.0.1, for longer than the headers deadline, so that the
+window holds the slowloris clients being cut off and connecting again.
+The figure is the ratio of the two p99s (target: at most 2).
 Writes ``bench/results-connections.json``. Run: ``.venv/bin/python bench/connections.py``.
 """
 
@@ -61,12 +63,17 @@ def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
 
 
-def drip(url: str, stop: threading.Event, cut: list[int]) -> None:
-    """A slowloris client: a header line a second, never the blank line; again when cut."""
+def drip(url: str, stop: threading.Event, cut: list[int], dripping: threading.Semaphore) -> None:
+    """A slowloris client: a header line a second, never the blank line; again when cut.
+    ``dripping`` is released once its first connection sends."""
+    first = True
     while not stop.is_set():
         try:
             sock = tls(url, "127.0.0.6")
             sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            if first:
+                first = False
+                dripping.release()
             while not stop.wait(1.0):
                 sock.sendall(b"X-Drip: a\r\n")
         except (OSError, ssl.SSLError):
@@ -81,11 +88,15 @@ def siege_from_elsewhere(
     sockets = [tls(url, sources[i % len(sources)]) for i in range(idle)]
     cuts: list[int] = []
     halt = threading.Event()
+    dripping = threading.Semaphore(0)
     drippers = [
-        threading.Thread(target=drip, args=(url, halt, cuts), daemon=True) for _ in range(slowloris)
+        threading.Thread(target=drip, args=(url, halt, cuts, dripping), daemon=True)
+        for _ in range(slowloris)
     ]
     for t in drippers:
         t.start()
+    for _ in drippers:  # the siege is measured once it stands, not while it sets up
+        dripping.acquire(timeout=60)
     ready.set()
     stop.wait()
     halt.set()

@@ -7,6 +7,7 @@ This is the only module that installs signal handlers.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,7 +33,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from herder.cli_certs import certs_command
 from herder.cli_data import data_app
+from herder.cli_db import db_app
 from herder.cli_query import register_query_commands
 from herder.cli_release import release_app
 from herder.errors import HerderError
@@ -44,7 +48,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_app, name="data")
+app.command("certs")(certs_command)
 app.add_typer(release_app, name="release")
+app.add_typer(db_app, name="db")
 register_query_commands(app)
 console = Console()
 err_console = Console(stderr=True)
@@ -115,7 +121,8 @@ def _env(home: Path | None) -> dict[str, str]:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
+    # unwrapped and unmarked: a path or "tasks[7].priority" must come out whole
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -210,6 +217,28 @@ def up(
             "(else [fleet] release in herder.toml).",
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HERDER_TLS_CERT",
+            help="Serve with this certificate (with --tls-key, --tls-ca; `herder certs` "
+            "writes a set) instead of the coordinator's own CA.",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(envvar="HERDER_TLS_KEY", help="The key of --tls-cert (0600).")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(envvar="HERDER_TLS_CA", help="The CA that signed --tls-cert; tokens pin it."),
+    ] = None,
+    agent_mtls: Annotated[
+        bool,
+        typer.Option(
+            envvar="HERDER_AGENT_MTLS",
+            help="Agents must present a client certificate signed by the CA to pair.",
+        ),
+    ] = False,
 ) -> None:
     """Run a coordinator in the foreground (SIGTERM, `herder down`, --stop-file: a clean stop)."""
     from herder.config import load_settings
@@ -218,9 +247,20 @@ def up(
     from herder.herd import load_herd, local_herd
 
     _setup_logging(log_level, log_format, log_file, log_file_max_mb)
-    settings = load_settings(
-        _env(home), store_url=store, listen=listen, fleet_release=fleet_release
-    )
+    try:
+        settings = load_settings(
+            _env(home),
+            store_url=store,
+            listen=listen,
+            fleet_release=fleet_release,
+            # given here: relative to where the command runs (in herder.toml: the home)
+            tls_cert=tls_cert.absolute() if tls_cert else None,
+            tls_key=tls_key.absolute() if tls_key else None,
+            tls_ca=tls_ca.absolute() if tls_ca else None,
+            agent_mtls=agent_mtls or None,  # not given: herder.toml decides
+        )
+    except HerderError as exc:
+        raise _fail(str(exc)) from exc
     if herd is not None and local:
         raise _fail("give either --herd or --local, not both")
     try:
@@ -242,6 +282,10 @@ def up(
             loop.add_signal_handler(sig, coord.stop)
         async with coord:
             console.print(f"herder coordinator at [bold]{coord.url}[/bold]", highlight=False)
+            # What is alive now (the imported libraries, the app: over 100,000 objects)
+            # lives as long as the process; left to the collector, each full collection
+            # walks it all and stalls every request for tens of milliseconds.
+            gc.freeze()
             watches = []
             if parent_pid is not None:
                 watches.append(asyncio.create_task(_stop_when_gone(parent_pid, coord.stop)))
@@ -423,6 +467,15 @@ def agent(
     join: Annotated[
         str | None, typer.Option(envvar="HERDER_JOIN", help="TOKEN@URL printed by `herder token`.")
     ] = None,
+    coordinator: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--coordinator",
+            envvar="HERDER_COORDINATORS",
+            help="Another coordinator sharing the store (https://HOST:PORT; repeat, or "
+            "comma-separate): the agent moves there, tasks and all, when its own fails.",
+        ),
+    ] = None,
     slots: Annotated[int, typer.Option(envvar="HERDER_SLOTS", help="Tasks run at once.")] = 1,
     label: Annotated[
         list[str] | None, typer.Option("--label", help="k=v label (repeatable).")
@@ -537,6 +590,24 @@ def agent(
     no_index: Annotated[
         bool, typer.Option(help="Install releases from --find-links only (offline).")
     ] = False,
+    exec_log: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HERDER_EXEC_LOG",
+            help="Append a JSON line per attempt started and ended (for fault checking).",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HERDER_AGENT_TLS_CERT",
+            help="Present this client certificate (for a coordinator with --agent-mtls).",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="HERDER_AGENT_TLS_KEY", help="The key of --tls-cert (0600)."),
+    ] = None,
 ) -> None:
     """Run an agent: pair with a coordinator and run its tasks."""
     if ctx.invoked_subcommand is not None:
@@ -546,21 +617,29 @@ def agent(
 
     from herder.agent.agent import Agent, AgentConfig
     from herder.model import new_id
-    from herder.security import JoinToken
+    from herder.security import ApiToken, JoinToken, parse_token
 
     _setup_logging(log_level, log_format)
+    if (tls_cert is None) != (tls_key is None):
+        raise _fail("give --tls-cert and --tls-key together")
     finding = discover or tracker is not None
+    parsed: JoinToken | ApiToken
     if finding:  # the address and fingerprint come from discovery; placeholders until then
         parsed = JoinToken(_discovery_secret(join, secret_file), bytes(32), "https://unknown")
     elif not join:
         raise _fail("give --join TOKEN@URL (or HERDER_JOIN), or --discover / --tracker URL")
     else:
         try:
-            parsed = JoinToken.parse(join)
+            parsed = parse_token(join)  # the cluster's join token, or an agent token
         except HerderError as exc:
             raise _fail(str(exc)) from exc
-    if parsed.url is None:
-        raise _fail("the join token has no @URL part (or give --discover / --tracker URL)")
+    fallback_urls = _coordinator_urls(coordinator or [])
+    url = parsed.url or next(iter(fallback_urls), None)
+    if url is None:
+        raise _fail(
+            "the join token has no @URL part (give TOKEN@URL, --coordinator URL, "
+            "or --discover / --tracker URL)"
+        )
     if orphan_action not in ("exit", "shutdown"):
         raise _fail(f"--orphan-action must be exit or shutdown, not {orphan_action!r}")
     shutdown_argv = tuple(shlex.split(shutdown_command))
@@ -574,7 +653,8 @@ def agent(
         labels[key] = value
     node_data, resources = _node_facts(data, resource or [])
     config = AgentConfig(
-        url=parsed.url,
+        url=url,
+        fallback_urls=fallback_urls,
         secret=parsed.secret,
         fingerprint=parsed.fingerprint,
         node_id=node_id or new_id("n"),
@@ -596,15 +676,25 @@ def agent(
         release_cache_bytes=int(release_cache_gb * 2**30),
         find_links=tuple(find_links or ()),
         no_index=no_index,
+        exec_log=exec_log,
+        token_id=parsed.id if isinstance(parsed, ApiToken) else None,
+        client_cert=tls_cert,
+        client_key=tls_key,
     )
 
     async def main() -> int:
-        from herder.discovery import find_coordinator
-        from herder.discovery.tracker import Entry, TrackerClient, announce_loop
+        # discovery (the tracker module imports fastapi) only for an agent that uses it:
+        # a plain ``herder agent --join`` pairs sooner without it
+        if tracker is not None:
+            from herder.discovery.tracker import TrackerClient
 
-        client = TrackerClient(tracker, parsed.secret) if tracker is not None else None
+            client: TrackerClient | None = TrackerClient(tracker, parsed.secret)
+        else:
+            client = None
 
         async def locate() -> tuple[str, bytes]:
+            from herder.discovery import find_coordinator
+
             found = await find_coordinator(
                 parsed.secret, beacon=discover, beacon_port=beacon_port, tracker=client,
                 cluster=cluster,
@@ -617,6 +707,8 @@ def agent(
             loop.add_signal_handler(sig, node.stop)
         if client is None:
             return await node.run()
+        from herder.discovery.tracker import Entry, announce_loop
+
         me = Entry(kind="agent", id=config.node_id, data={"name": config.name, "slots": slots})
         try:
             async with asyncio.TaskGroup() as tg:
@@ -658,6 +750,31 @@ def tracker_command(
         raise _fail(str(exc)) from exc
     console.print(f"herder tracker at [bold]http://{host}:{port}[/bold]", highlight=False)
     uvicorn.run(tracker_app(secret, ttl), host=host, port=port, log_level="warning")
+
+
+def _coordinator_urls(values: list[str]) -> tuple[str, ...]:
+    """The ``--coordinator`` addresses, in order, each checked to be ``https://HOST[:PORT]``.
+
+    Each value may hold several, comma-separated (handy in ``HERDER_COORDINATORS``).
+    """
+    import urllib.parse
+
+    urls: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            url = item.strip().rstrip("/")
+            if not url:
+                continue
+            parts = urllib.parse.urlsplit(url)
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:  # not a number, or out of range
+                port_ok = False
+            if parts.scheme != "https" or not parts.hostname or not port_ok:
+                raise _fail(f"--coordinator {item.strip()!r} must look like https://HOST[:PORT]")
+            if url not in urls:
+                urls.append(url)
+    return tuple(urls)
 
 
 def _discovery_secret(join: str | None, secret_file: Path | None) -> bytes:
@@ -713,6 +830,8 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     console.print(table)
     nodes = ", ".join(f"{n} {s}" for s, n in sorted(data["nodes"].items())) or "none"
     console.print(f"nodes: {nodes}; {data['agents']} connected")
+    if data.get("leader"):  # several coordinators may share the store: who runs the fleet
+        console.print(f"fleet leader: {data['leader']['url']}", highlight=False)
     console.print(f"throughput: {data['throughput']:.1f} tasks/s (last 10 s)")
 
 

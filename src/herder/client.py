@@ -267,7 +267,9 @@ def resolve_target(
     if token is None:
         try:
             secret = security.load_secret(home / "secret")
-            fingerprint = security.ca_fingerprint((home / "tls" / "ca.pem").read_bytes())
+            fingerprint = _recorded_fingerprint(home) or security.ca_fingerprint(
+                (home / "tls" / "ca.pem").read_bytes()
+            )
         except (OSError, HerderError) as exc:
             raise ConfigError(
                 f"no HERDER_TOKEN and no coordinator credentials in {home} ({exc})"
@@ -285,6 +287,15 @@ def resolve_target(
                 f"no HERDER_URL and no running coordinator recorded in {state}"
             ) from exc
     return url.rstrip("/"), parsed
+
+
+def _recorded_fingerprint(home: Path) -> bytes | None:
+    """The CA fingerprint the running coordinator recorded (it serves with the user's
+    own CA when given one: then the home's ``tls/ca.pem`` is not the one to pin)."""
+    try:
+        return bytes.fromhex(json.loads((home / "coordinator.json").read_text())["ca"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +366,9 @@ class AsyncClient:
         self._closed = True
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # a reader that gave up on an unreachable coordinator already failed every
+            # future with that; closing is not the moment to raise it again
+            with contextlib.suppress(asyncio.CancelledError, ConnectionLost):
                 await self._reader
         if self._ws is not None:
             await self._ws.close()

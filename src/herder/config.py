@@ -27,9 +27,12 @@ class Timeouts:
 
     heartbeat_s: float = 1.0
     lost_after_s: float = 5.0
-    reconnect_max_s: float = 5.0
+    # at most 2 s (x1.5 jitter) between tries: back within 5 s of a link's return
+    reconnect_max_s: float = 2.0
     shutdown_grace_s: float = 10.0
     replace_check_s: float = 0.5
+    # a connection's TLS handshake must be over by then (asyncio's own default: 60 s)
+    tls_handshake_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,13 @@ class Settings:
     # (besides datastore uploads, which stream) are refused with 413.
     max_connections_per_source: int = 512
     max_body_mb: float = 256.0
+    # Serve with these instead of the coordinator's own CA (``herder certs`` writes
+    # a set); all three or none. Join tokens then pin ``tls_ca``.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # Agents must present a client certificate signed by the CA to pair.
+    agent_mtls: bool = False
 
     @property
     def secret_path(self) -> Path:
@@ -126,6 +136,10 @@ _ENV_KEYS = {
     "HERDER_MAX_AUTH_FAILURES": "max_auth_failures",
     "HERDER_MAX_CONNECTIONS_PER_SOURCE": "max_connections_per_source",
     "HERDER_MAX_BODY_MB": "max_body_mb",
+    "HERDER_TLS_CERT": "tls_cert",
+    "HERDER_TLS_KEY": "tls_key",
+    "HERDER_TLS_CA": "tls_ca",
+    "HERDER_AGENT_MTLS": "agent_mtls",
 }
 _TIMEOUT_KEYS = {f.name for f in fields(Timeouts)}
 _TOP_KEYS = {
@@ -138,7 +152,33 @@ _TOP_KEYS = {
     "max_auth_failures",
     "max_connections_per_source",
     "max_body_mb",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "agent_mtls",
 }
+
+
+def _tls_values(values: dict[str, Any], home: Path) -> None:
+    """Paths of the user's own certificates (relative to the home), all or none;
+    ``agent_mtls`` as a boolean (``1``/``true``/``yes`` from the environment)."""
+    given = [key for key in ("tls_cert", "tls_key", "tls_ca") if values.get(key)]
+    if given and len(given) != 3:
+        missing = sorted({"tls_cert", "tls_key", "tls_ca"} - set(given))
+        raise ConfigError(
+            f"serving with your own certificates needs tls_cert, tls_key and tls_ca; "
+            f"missing: {', '.join(missing)}",
+            field=missing[0],
+        )
+    for key in given:
+        values[key] = home / Path(str(values[key])).expanduser()
+    flag = values.get("agent_mtls")
+    if isinstance(flag, str):
+        if flag.strip().lower() not in ("1", "true", "yes", "0", "false", "no", ""):
+            raise ConfigError(f"agent_mtls must be true or false, not {flag!r}", field="agent_mtls")
+        values["agent_mtls"] = flag.strip().lower() in ("1", "true", "yes")
+    elif flag is not None and not isinstance(flag, bool):
+        raise ConfigError(f"agent_mtls must be true or false, not {flag!r}", field="agent_mtls")
 
 
 def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
@@ -195,6 +235,7 @@ def load_settings(env: Mapping[str, str], **overrides: Any) -> Settings:
             values[key] = int(values[key])
     if "max_body_mb" in values:
         values["max_body_mb"] = float(values["max_body_mb"])
+    _tls_values(values, home)
     settings = Settings(home=home, **values)
     if timeouts:
         settings = replace(settings, timeouts=replace(settings.timeouts, **timeouts))

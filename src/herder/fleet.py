@@ -201,14 +201,30 @@ class Fleet:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """The reconcile loop and the callback worker, until ``stopping`` is set."""
-        worker = asyncio.create_task(self._callback_worker(), name="herd-callbacks")
+        worker = asyncio.create_task(self.run_callbacks(), name="herd-callbacks")
         try:
-            while not stopping.is_set():
-                await self._pass()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), self.herd.reconcile_s)
+            await self.run_reconcile(stopping)
         finally:
             worker.cancel()
+
+    async def run_reconcile(self, stopping: asyncio.Event) -> None:
+        """The reconcile loop alone, until ``stopping`` is set or it is cancelled.
+
+        Several coordinators on one store: only the leader runs it
+        (herder.coordinator.leader); every coordinator runs
+        :meth:`run_callbacks` for the nodes it serves.
+        """
+        self._last_inventory = -math.inf  # a new leader takes inventory first
+        if self._on_event:  # on_event from now: the old leader called it for earlier ones
+            self._last_event = await self.store.latest_event_id()
+        while not stopping.is_set():
+            await self._pass()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.herd.reconcile_s)
+
+    async def run_callbacks(self) -> None:
+        """Run herd callbacks one at a time, in the order things happened."""
+        await self._callback_worker()
 
     async def _pass(self) -> None:
         try:

@@ -105,6 +105,8 @@ class Hello(_Msg):
     # exactly security.NONCE_BYTES: the proofs are HMACs over both nonces concatenated
     nonce: bytes = Field(min_length=HELLO_NONCE_BYTES, max_length=HELLO_NONCE_BYTES)
     held: list[HeldLease] = Field(default_factory=list)
+    # the id of the agent token it proves itself with; None: the cluster secret
+    token_id: str | None = Field(default=None, pattern=r"^k-[0-9a-f]{16}$")
 
 
 class Proof(_Msg):
@@ -193,11 +195,15 @@ class Release(_Msg):
     running; the running tasks were killed before this was sent and none
     will report a result. Each is to go back to ``ready`` at once, whatever
     its state, without being charged an attempt.
+
+    ``leaving``: the agent is stopping (SIGTERM): lease it nothing more, so
+    what it hands back goes to other agents rather than straight back to it.
     """
 
     t: Literal["release"] = "release"
     leases: list[HeldLease]
     interrupted: bool = False
+    leaving: bool = False
 
 
 class Bye(_Msg):

@@ -54,6 +54,7 @@ __all__ = [
     "JoinToken",
     "TlsFiles",
     "agent_proof",
+    "agent_token_secret",
     "bearer_matches",
     "ca_fingerprint",
     "client_ssl_context",
@@ -64,6 +65,7 @@ __all__ = [
     "load_or_create_secret",
     "load_secret",
     "new_nonce",
+    "pairing_key",
     "proofs_equal",
 ]
 
@@ -81,6 +83,8 @@ TOKEN_VERSION = "hd1"
 
 _COORDINATOR_LABEL = b"herder-v1-coordinator\0"
 _AGENT_LABEL = b"herder-v1-agent\0"
+_AGENT_TOKEN_LABEL = b"herder-v1-agent-token\0"
+_PAIRING_LABEL = b"herder-v1-agent-token-pairing\0"
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _VERSION_LIKE = re.compile(r"hd[0-9]{1,4}")
@@ -383,6 +387,37 @@ class ApiToken:
     __str__ = __repr__
 
 
+def agent_token_secret(cluster_secret: bytes, token_id: str) -> bytes:
+    """The secret of the ``agent`` token ``token_id``: HMAC(cluster secret, label + id).
+
+    An agent token pairs nodes, and pairing is mutual: the coordinator must
+    prove it knows something only the token's holder knows, without either
+    side sending it. The store keeps only a digest of each token's secret,
+    and that digest cannot be the shared key: whoever read the store (a
+    backup, a replica) could then pair as a node, take tasks and forge
+    results. So an agent token's secret is not random but derived from the
+    cluster secret and the token's id. It is as unpredictable as a random one
+    to anyone without the cluster secret (HMAC-SHA256 is a PRF), the store
+    still holds only its digest, and the coordinator derives it again at each
+    pairing. Revocation and expiry stay in the token's record, checked at
+    each pairing and closing the node's session when revoked.
+    """
+    return _hmac(cluster_secret, _AGENT_TOKEN_LABEL + token_id.encode("ascii"))
+
+
+def pairing_key(token_secret: bytes, token_id: str) -> bytes:
+    """The key an agent token's holder and the coordinator prove themselves with.
+
+    Derived (not the token's secret itself, which is also a bearer for the
+    datastore routes) and bound to the token's id, so a proof made for one
+    token means nothing for another, nor for the cluster secret's handshake.
+    The proofs are :func:`coordinator_proof` and :func:`agent_proof` under
+    this key: HMACs over both sides' fresh nonces, so a recorded handshake
+    cannot be replayed and the secret never crosses the wire.
+    """
+    return _hmac(token_secret, _PAIRING_LABEL + token_id.encode("ascii"))
+
+
 def token_digest(secret: bytes) -> str:
     """The SHA-256 of a token's random secret (256 bits: no salt or slow hash needed)."""
     return hashlib.sha256(secret).hexdigest()
@@ -417,10 +452,11 @@ def unseal(secret: bytes, value: str) -> str:
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    raw = base64.urlsafe_b64decode(value[len(_SEALED) :] + "=" * (-len(value) % 4))
+    body = value[len(_SEALED) :]
     try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         return AESGCM(_sealing_key(secret)).decrypt(raw[:12], raw[12:], None).decode()
-    except InvalidTag as exc:
+    except (InvalidTag, binascii.Error, ValueError) as exc:
         raise SecurityError("a sealed value does not open with this cluster's secret") from exc
 
 
@@ -490,8 +526,13 @@ def fingerprint_hex(fp: bytes) -> str:
     return fp.hex()[:16]
 
 
-def client_ssl_context(ca_pem: bytes) -> ssl.SSLContext:
+def client_ssl_context(
+    ca_pem: bytes, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
     """A TLS client context that trusts the cluster CA and nothing else.
+
+    With ``cert`` and ``key`` it also presents that client certificate (an
+    agent of a coordinator that asks for mutual TLS).
 
     Host names are not checked: the CA is private to one cluster, created by
     its coordinator and pinned by fingerprint through the join token, so any
@@ -506,6 +547,15 @@ def client_ssl_context(ca_pem: bytes) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.load_verify_locations(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    if cert is not None:
+        try:
+            if key is not None:
+                _check_private_mode(key, key.stat().st_mode)
+            context.load_cert_chain(str(cert), str(key) if key is not None else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise SecurityError(
+                f"cannot use client certificate {cert} with key {key}: {exc}", path=cert
+            ) from exc
     return context
 
 

@@ -289,3 +289,39 @@ def test_the_live_socket_refuses_anything_but_a_token_first(site: Site) -> None:
     for frame in (b"\x00\xff binary", "not json", "[1, 2]", '{"token": 5}', '{"token": "hd1.x"}'):
         assert asyncio.run(first(frame)) == 4401, frame
     assert site.call("GET", "/v1/status", site.admin).status_code == 200
+
+
+def test_the_live_socket_refuses_every_bad_credential(site: Site) -> None:
+    url = "wss://" + site.url.split("://", 1)[1] + "/v1/live"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    expired = site.token("read", ttl_s=0.5)
+    revoked = site.token("read")
+    site.client.revoke_token(security.ApiToken.parse(revoked).id)
+    time.sleep(0.6)
+    kinds = {
+        "none": "",
+        "forged join token": security.JoinToken(secrets.token_bytes(32), bytes(32)).encode(),
+        "forged API token": security.ApiToken.new(bytes(32)).encode(),
+        "expired": expired,
+        "revoked": revoked,
+        "wrong role": site.token("agent"),
+    }
+    assert set(kinds) == set(CREDENTIALS)
+
+    async def close_code(token: str) -> int | None:
+        async with websockets.connect(url, ssl=context) as ws:
+            await ws.send(json.dumps({"token": token}))
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else None
+        return None
+
+    before = store_state(site.herd.home)
+    for kind, token in kinds.items():
+        assert asyncio.run(close_code(token)) == 4401, kind
+    assert store_state(site.herd.home) == before
+    read = site.token("read")
+    assert asyncio.run(close_code(read)) is None  # the read role watches: a snapshot came

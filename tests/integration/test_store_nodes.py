@@ -4,13 +4,15 @@ store that predates them."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from herder.errors import SchemaMismatch
 from herder.model import NodeRecord, NodeState
-from herder.store import schema
+from herder.store import migrate, schema
 from herder.store.sql import SqlStore, async_url
 
 
@@ -83,34 +85,45 @@ async def test_nodes_move_in_batches_and_keep_address_deadline_and_death_reason(
         await store.close()
 
 
-async def _downgrade_to_v2(url: str) -> None:
-    """Make the store look as version 2 left it: no fleet or service columns."""
+async def _as_version_2(url: str, cluster: str) -> None:
+    """Make the store as herder left it at schema 2, before migrations existed: built
+    by the first two revisions, ``meta.schema`` 2, no ``alembic_version``; one old node."""
     engine = create_async_engine(async_url(url))
+
+    def rebuild(conn: sa.Connection) -> None:
+        schema.metadata.drop_all(conn)
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+        migrate.run_revisions(conn, "0002")
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+        conn.execute(
+            sa.text("INSERT INTO meta (key, value) VALUES ('cluster', :c)"), {"c": cluster}
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO nodes (id, name, state, provider, labels, slots, created_at) "
+            "VALUES ('old', 'old', 'terminated', 'local', '{}', 1, 1.0)"
+        )
+
     try:
         async with engine.begin() as conn:
-            for index in schema.ADDED_INDEXES:  # made by later versions
-                await conn.execute(sa.text(f"DROP INDEX IF EXISTS {index.name}"))
-            for table, column in schema.ADDED_COLUMNS[3]:
-                await conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column.name}"))
-            await conn.execute(sa.text("UPDATE meta SET value = '2' WHERE key = 'schema'"))
-            await conn.execute(
-                sa.text(
-                    "INSERT INTO nodes (id, name, state, provider, labels, slots, created_at) "
-                    "VALUES ('old', 'old', 'terminated', 'local', '{}', 1, 1.0)"
-                )
-            )
+            await conn.run_sync(rebuild)
     finally:
         await engine.dispose()
 
 
-async def test_a_version_2_store_is_upgraded_in_place_and_a_newer_one_refused(
+async def test_a_version_2_store_is_refused_then_upgraded_and_a_newer_one_refused(
     store_url: str,
 ) -> None:
     store = SqlStore(store_url)
     await store.open()
     cluster = await store.cluster_id()
     await store.close()
-    await _downgrade_to_v2(store_url)
+    await _as_version_2(store_url, cluster)
+
+    store = SqlStore(store_url)
+    with pytest.raises(SchemaMismatch, match=r"schema 2 .*herder db upgrade --store"):
+        await store.open()
+    assert (await store.upgrade_schema()).after == migrate.code_revision()
+    await store.close()
 
     store = SqlStore(store_url)
     await store.open()
@@ -120,11 +133,37 @@ async def test_a_version_2_store_is_upgraded_in_place_and_a_newer_one_refused(
         await store.add_nodes([requested("new")])
         assert await store.get_meta("schema") == str(schema.SCHEMA_VERSION)
         assert await store.cluster_id() == cluster
-        await store.set_meta("schema", "99")
+
+        def from_newer_herder(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+
+        await store.write_transaction(from_newer_herder)
     finally:
         await store.close()
 
     store = SqlStore(store_url)
-    with pytest.raises(SchemaMismatch, match=r"schema 99.*upgrade herder"):
+    with pytest.raises(SchemaMismatch, match=r"schema 0099, newer .*upgrade herder"):
         await store.open()
     await store.close()
+
+
+async def test_two_stores_writing_one_new_meta_key_at_once_both_succeed(store_url: str) -> None:
+    """Coordinators sharing a store write meta keys (the fleet's target, its release)
+    at start-up: a key neither has written yet must not fail either of them."""
+    first, second = SqlStore(store_url), SqlStore(store_url)
+    await first.open()
+    await second.open()
+    try:
+        keys = [f"race.{i}" for i in range(20)]
+        await asyncio.gather(
+            *(
+                s.set_meta(k, "first" if s is first else "second")
+                for k in keys
+                for s in (first, second)
+            )
+        )
+        assert {await first.get_meta(k) for k in keys} <= {"first", "second"}
+        assert None not in {await second.get_meta(k) for k in keys}
+    finally:
+        await first.close()
+        await second.close()

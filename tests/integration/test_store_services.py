@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from herder.errors import SubmissionError
 from herder.model import CommandSpec, ServiceSpec, TaskSpec, TaskState
+from herder.store import migrate
 from herder.store.base import Claimed, TaskResult
 from herder.store.sql import SqlStore
 
@@ -279,10 +280,21 @@ async def test_ordinary_tasks_leave_the_service_column_null(store: SqlStore) -> 
     assert (plain.service, plain.restarts) == (None, 0)
 
 
-async def test_the_services_index_is_made_on_open_when_missing(store_url: str) -> None:
+async def test_the_services_index_comes_with_db_upgrade_to_a_store_made_before_it(
+    store_url: str,
+) -> None:
+    """Schema-3 stores made before ``ix_tasks_service`` existed (no longer made on
+    open: ``herder db upgrade`` stamps such a store and adds it)."""
     s = SqlStore(store_url)
-    await s.open()
-    await s._write(lambda conn: conn.execute(sa.text("DROP INDEX ix_tasks_service")))
+    s._connect()
+
+    def as_schema_3_without_index(conn: sa.Connection) -> None:
+        migrate.run_revisions(conn, "0003")
+        conn.execute(sa.text("DROP INDEX ix_tasks_service"))
+        conn.execute(sa.text("DROP TABLE alembic_version"))
+
+    await s._write(as_schema_3_without_index)
+    assert (await s.upgrade_schema()).after == migrate.code_revision()
     await s.close()
     s = SqlStore(store_url)
     await s.open()

@@ -6,6 +6,9 @@ coordinator adopts the leases that are still current, and the agent drops
 the rest. Results are resent until acknowledged, and the coordinator
 records each lease's result once. If the coordinator stays away longer than
 a lease lives, the agent stops its tasks: they are being run elsewhere.
+Given several coordinators sharing one store (``fallback_urls``), the agent
+reconnects to the next one instead (see :mod:`herder.agent.failover`), and
+pings the link so that a coordinator gone silent is noticed in time.
 
 Shutdown order (``stop()``, e.g. on SIGTERM): stop taking tasks, hand back
 the ones not started, let running ones finish (up to the grace period),
@@ -66,7 +69,10 @@ from herder.model import Reason
 from herder.releases.cache import ReleaseCache
 
 from . import telemetry
+from .certcheck import certificate_refused
 from .environments import Environments
+from .execlog import ExecLog
+from .failover import Rotation
 from .health import Health, HealthCheck, watch
 from .phases import attempt_dir
 from .resources import detect_resources
@@ -85,6 +91,18 @@ MAX_PREFETCH = 512
 INTERRUPT_KILL_WAIT_S = 10.0
 INTERRUPT_SETTLE_S = 10.0
 SHUTDOWN_COMMAND_WAIT_S = 60.0
+# With several coordinators to choose from: how long one may take to answer before
+# the next is tried, and the pause between two of them in a round (well inside
+# the lease's life, so running tasks survive a move; see herder.agent.failover).
+# The link is always pinged, so a coordinator that falls silent (its machine gone,
+# a network cut, no RST) is noticed within ping + pong = 3 s: the agent pairs
+# elsewhere before the 5 s after which a node unheard of is lost, or, with
+# nowhere to go, stops its tasks about when their leases end (see _left).
+FAILOVER_ATTEMPT_TIMEOUT_S = 3.0
+FAILOVER_STEP_S = 0.1
+FAILOVER_PING_S = 1.0
+FAILOVER_PONG_S = 2.0
+FAILOVER_CLOSE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -102,7 +120,7 @@ class AgentConfig:
     data: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)
     provider: str = "joined"
-    reconnect_max_s: float = 5.0
+    reconnect_max_s: float = 2.0  # between tries, x1.5 jitter: back within 5 s
     grace_s: float = 30.0
     orphan_after_s: float = 15 * 60.0
     # Leave (Bye "idle", exit 0) after this long connected with no work; None: never.
@@ -121,6 +139,9 @@ class AgentConfig:
     # its (url, CA fingerprint); asked again whenever a connection fails, so a
     # coordinator that moved is followed. None: ``url`` is fixed.
     locate: Callable[[], Awaitable[tuple[str, bytes]]] | None = None
+    # Other coordinators sharing the store (same secret and CA): when the one paired
+    # with fails, the agent moves to the next and its leases are adopted there.
+    fallback_urls: tuple[str, ...] = ()
     # Where releases are installed (shared by agents on one machine: each release
     # is installed once); None: ~/.cache/herder/releases. Older ones are evicted
     # beyond release_cache_bytes. find_links / no_index: where the node's own
@@ -129,6 +150,15 @@ class AgentConfig:
     release_cache_bytes: int = 10 * 2**30
     find_links: tuple[str, ...] = ()
     no_index: bool = False
+    # Append a line per attempt started and ended here (the fault suite's checker
+    # reads it, see herder.agent.execlog); None: off.
+    exec_log: Path | None = None
+    # Paired by an agent token (hk1.<id>.…, ``herder token create --role agent``):
+    # its id, and ``secret`` is that token's secret. None: ``secret`` is the cluster's.
+    token_id: str | None = None
+    # A client certificate to present (a coordinator with mutual TLS asks for one).
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
 
 class Agent:
@@ -156,6 +186,10 @@ class Agent:
         self._flush_scheduled = False
         self._ws: ClientConnection | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._rotation = Rotation(
+            (() if config.locate is not None else (config.url,)) + config.fallback_urls,
+            discover=config.locate is not None,
+        )
         self._draining = False  # told by the coordinator: take no more tasks for now
         self._stopping = asyncio.Event()
         self._changed = asyncio.Event()  # something ran to its end or was acknowledged
@@ -174,6 +208,7 @@ class Agent:
         self._health: dict[str, tuple[protocol.Assignment, Health]] = {}  # running services
         self._out_releases: list[protocol.ReleaseLoaded] = []
         self._sampler = telemetry.Sampler(str(scratch))
+        self._exec_log = ExecLog(config.exec_log, config.node_id) if config.exec_log else None
         self._environments = Environments(
             ReleaseCache(
                 config.release_dir or Path.home() / ".cache" / "herder" / "releases",
@@ -257,21 +292,29 @@ class Agent:
         return code
 
     async def _connect_loop(self) -> int:
+        """Pair, serve, and on any failure try the next coordinator (see ``Rotation``)."""
         backoff = 0.1
+        several = self._rotation.choices > 1
+        timeout = FAILOVER_ATTEMPT_TIMEOUT_S if several else 10.0
         while not self._stopping.is_set():
+            target = self._rotation.target
+            where = target or "discovery"
             try:
                 if self._ssl is None:
-                    if self.config.locate is not None and not await self._locate():
-                        return 0
+                    # discovery is one step among others: it may not hold up the round
+                    async with asyncio.timeout(timeout if several else None):
+                        if not await self._aim(target):
+                            return 0
+                    where = self.config.url
                     ca = await asyncio.to_thread(
-                        security.fetch_pinned_ca, self.config.url, self.config.fingerprint
+                        security.fetch_pinned_ca, self.config.url, self.config.fingerprint, timeout
                     )
-                    self._ssl = security.client_ssl_context(ca)
+                    self._ssl = security.client_ssl_context(
+                        ca, self.config.client_cert, self.config.client_key
+                    )
                     self._task_context["data"] = {
                         "url": self.config.url,
-                        "bearer": security.JoinToken(
-                            self.config.secret, self.config.fingerprint
-                        ).encode(),
+                        "bearer": self._bearer(),
                         "ca_pem": ca,
                     }
                 ws_url = "wss://" + self.config.url.split("://", 1)[1].rstrip("/") + "/v1/agent"
@@ -279,37 +322,71 @@ class Agent:
                     ws_url,
                     ssl=self._ssl,
                     max_size=protocol.MAX_FRAME_BYTES,
-                    open_timeout=10,
-                    ping_interval=None,
+                    open_timeout=timeout,
+                    ping_interval=FAILOVER_PING_S,
+                    ping_timeout=FAILOVER_PONG_S,
+                    close_timeout=FAILOVER_CLOSE_S,
                     compression=None,
                 ) as ws:
                     await self._pair(ws)
+                    self._rotation.paired()
                     backoff = 0.1
                     done = await self._session(ws)
                     if done:
                         return 0
+                    if ws.state is websockets.State.CLOSED:  # e.g. "keepalive ping timeout"
+                        log.info("left %s: %s", self.config.url, ws.protocol.close_exc)
+                        self._disconnected_at = _left(ws)
             except (PinningError, AuthenticationError) as exc:
-                log.error("%s", exc)
-                print(f"herder agent: {exc}", flush=True)
-                return 1
+                if target is None or not self._rotation.drop():
+                    log.error("%s", exc)
+                    print(f"herder agent: {exc}", flush=True)
+                    return 1
+                log.error(
+                    "skipping %s from now on (not this cluster's coordinator): %s",
+                    where,
+                    exc,
+                    extra={"action": "coordinator_skipped", "node_id": self.config.node_id},
+                )
             except (SecurityError, protocol.ProtocolError) as exc:
                 # a peer that passed pinning but speaks nonsense: try again, as if away
-                log.warning("cannot reach %s: %s", self.config.url, exc)
+                log.warning("cannot reach %s: %s", where, exc)
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
-                log.info("coordinator %s unreachable: %s", self.config.url, exc)
-                if self.config.locate is not None:
-                    self._ssl = None  # find it again: it may have moved
+                if (refused := await self._certificate_refused()) is not None:
+                    log.error("%s", refused)
+                    print(f"herder agent: {refused}", flush=True)
+                    return 1
+                log.info("coordinator %s unreachable: %s", where, exc)
             finally:
                 self._ws = None
                 if self._disconnected_at is None:
                     self._disconnected_at = time.monotonic()
             if self._stopping.is_set() and not self._running and not self._queue:
                 return 0
-            delay = backoff * (0.5 + random.random())
+            if self._rotation.advance():  # a whole round failed: back off
+                delay = backoff * (0.5 + random.random())
+                backoff = min(backoff * 2, self.config.reconnect_max_s)
+            else:
+                delay = FAILOVER_STEP_S * (0.5 + random.random())
+            if self._rotation.target != self.config.url:
+                self._ssl = None  # another coordinator, or discovery again: aim anew
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-            backoff = min(backoff * 2, self.config.reconnect_max_s)
         return 0
+
+    async def _aim(self, target: str | None) -> bool:
+        """Point the agent at ``target``, or at what discovery finds when it is None;
+        False if asked to stop meanwhile."""
+        if target is None:
+            return await self._locate()
+        if target != self.config.url:
+            log.info(
+                "trying the coordinator at %s",
+                target,
+                extra={"action": "coordinator_next", "node_id": self.config.node_id},
+            )
+        self.config = replace(self.config, url=target)
+        return True
 
     async def _locate(self) -> bool:
         """Wait for discovery to name a coordinator and aim at it; False if asked to stop."""
@@ -353,6 +430,7 @@ class Agent:
                     provider=self.config.provider,
                     nonce=nonce,
                     held=held,
+                    token_id=self.config.token_id,
                 )
             )
         )
@@ -361,14 +439,15 @@ class Agent:
             raise AuthenticationError(f"pairing refused by the coordinator: {challenge.reason}")
         if not isinstance(challenge, protocol.Challenge):
             raise protocol.ProtocolError("expected a challenge")
-        expected = security.coordinator_proof(self.config.secret, nonce, challenge.nonce)
+        key = self._pairing_key()
+        expected = security.coordinator_proof(key, nonce, challenge.nonce)
         if not security.proofs_equal(challenge.mac, expected):
             await ws.send(protocol.encode(protocol.Bye(reason="coordinator proof invalid")))
             raise AuthenticationError(
                 "pairing refused: the coordinator could not prove it knows the secret "
                 "(wrong secret in the token?)"
             )
-        mac = security.agent_proof(self.config.secret, challenge.nonce, nonce)
+        mac = security.agent_proof(key, challenge.nonce, nonce)
         await ws.send(protocol.encode(protocol.Proof(mac=mac)))
         (welcome,) = protocol.decode_coordinator(await _recv(ws))
         if isinstance(welcome, protocol.Refuse):
@@ -384,6 +463,31 @@ class Agent:
         self._last_active = time.monotonic()
         self._draining = False
         log.info("paired with %s as %s", self.config.url, self.config.node_id)
+
+    def _pairing_key(self) -> bytes:
+        """What the handshake proves knowledge of: the cluster secret, or the key of
+        the agent token this node joined with (see security.pairing_key)."""
+        if self.config.token_id is None:
+            return self.config.secret
+        return security.pairing_key(self.config.secret, self.config.token_id)
+
+    async def _certificate_refused(self) -> str | None:
+        """Why the coordinator refuses this node's client certificate, if it does (a
+        connection failed: see herder.agent.certcheck)."""
+        data = self._task_context["data"]
+        if self.config.client_cert is None or self.config.client_key is None or not data:
+            return None
+        return await certificate_refused(
+            self.config.url, data["ca_pem"], self.config.client_cert, self.config.client_key
+        )
+
+    def _bearer(self) -> str:
+        """What tasks on this node authenticate to the datastore with: the token it
+        joined with (an agent token may use the datastore and nothing else)."""
+        if self.config.token_id is None:
+            return security.JoinToken(self.config.secret, self.config.fingerprint).encode()
+        token = security.ApiToken(self.config.token_id, self.config.secret, self.config.fingerprint)
+        return token.encode()
 
     def _drop_unadopted(self, adopted: set[str]) -> None:
         """Forget leases the coordinator no longer honours: they run elsewhere."""
@@ -421,7 +525,7 @@ class Agent:
     async def _stop_when_asked(self, ws: ClientConnection) -> None:
         await self._stopping.wait()
         await self._stop_services()
-        await self._hand_back()
+        await self._hand_back(leaving=True)
         with contextlib.suppress(TimeoutError):
             grace = None if self._patient else self.config.grace_s
             if self._interrupting:
@@ -445,15 +549,17 @@ class Agent:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _hand_back(self) -> None:
+    async def _hand_back(self, *, leaving: bool = False) -> None:
         """Release the queued leases, and those of tasks killed for an interruption
-        (only once they are dead, so no task runs twice at once)."""
+        (only once they are dead, so no task runs twice at once). ``leaving``:
+        also tell the coordinator to lease nothing more here, even with nothing
+        to hand back (a stopping agent's slots free up as its tasks end)."""
         queued, self._queue = list(self._queue), deque()
         killed = [h for h in self._to_release if h.lease_id not in self._running]
         self._to_release = [h for h in self._to_release if h.lease_id in self._running]
         leases = [protocol.HeldLease(task_id=a.task_id, lease_id=a.lease_id) for a in queued]
         leases += killed
-        if not leases:
+        if not (leases or leaving):
             return
         if self._ws is None:
             if killed:
@@ -464,7 +570,9 @@ class Agent:
             return
         with contextlib.suppress(websockets.WebSocketException):
             await self._ws.send(
-                protocol.encode(protocol.Release(leases=leases, interrupted=bool(killed)))
+                protocol.encode(
+                    protocol.Release(leases=leases, interrupted=bool(killed), leaving=leaving)
+                )
             )
 
     def _on_message(self, msg: Any) -> None:
@@ -542,7 +650,10 @@ class Agent:
                 releases=self._environments.installed(),
                 loading=self._environments.loading,
             )
-            await ws.send(protocol.encode(beat))
+            try:
+                await ws.send(protocol.encode(beat))
+            except websockets.ConnectionClosed:
+                return  # the reading side sees it too and ends the session: reconnect
             await asyncio.sleep(self._heartbeat_s)
 
     async def _watchdog(self) -> None:
@@ -710,6 +821,8 @@ class Agent:
             if a.start_delay_s > 0:  # a restarted service's back-off: not started yet
                 await asyncio.sleep(a.start_delay_s)
             handle = loop.call_later(STARTED_REPORT_DELAY_S, self._report_started, a)
+            if self._exec_log is not None:
+                self._exec_log.write("start", a.task_id, a.attempt, a.lease_id)
             failed = await self._enter_release(slot, a)
             if failed is not None:
                 out = failed
@@ -741,6 +854,8 @@ class Agent:
             started_at=out.get("started_at"),
             ended_at=out.get("ended_at"),
         )
+        if self._exec_log is not None:
+            self._exec_log.write("end", a.task_id, a.attempt, a.lease_id, state=item.state)
         self._unacked[a.lease_id] = item
         self._out_results.append(item)
         self._schedule_flush()
@@ -944,6 +1059,16 @@ class Agent:
         if messages:
             with contextlib.suppress(websockets.WebSocketException):
                 await ws.send(protocol.encode(*messages))
+
+
+def _left(ws: ClientConnection) -> float:
+    """When the coordinator was last heard of, as best known: for a link cut
+    silently (no pong) at least the pong timeout before now, so the watchdog
+    stops the tasks about when the coordinator gives their leases away."""
+    sent = ws.protocol.close_sent
+    if sent is not None and sent.reason == "keepalive ping timeout":
+        return time.monotonic() - FAILOVER_PONG_S
+    return time.monotonic()
 
 
 class _Exit(Exception):

@@ -205,13 +205,31 @@ class _Commands:
             return None
         key = (data["url"], data["bearer"])
         if self._data_key != key:
-            from herder.dataclient import DataClient
-
             if self._data is not None:
                 self._data.close()
-            self._data = DataClient(data["url"], data["bearer"], data["ca_pem"])
+            self._data = _LazyData(data["url"], data["bearer"], data["ca_pem"])
             self._data_key = key
         return self._data
+
+
+class _LazyData:
+    """A DataClient made on first use: most calls never touch the datastore, and
+    making one (httpx, a TLS context) was most of a fresh worker's first task."""
+
+    def __init__(self, url: str, bearer: str, ca_pem: bytes) -> None:
+        self._args = (url, bearer, ca_pem)
+        self._client: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            from herder.dataclient import DataClient
+
+            self._client = DataClient(*self._args)
+        return getattr(self._client, name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 class _Channel:

@@ -9,6 +9,7 @@ the store, and shape the answer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Annotated, Any
@@ -30,6 +31,7 @@ from .data_routes import data_router
 from .fleet_routes import fleet_router
 from .guard import BodyLimit
 from .hosts import HostGuard, local_names
+from .leader import current_leader
 from .live_routes import live_router
 from .query_routes import job_json, query_router, task_json
 from .release_routes import release_router
@@ -130,8 +132,12 @@ def create_app(coord: Coordinator) -> FastAPI:
         stats = coord.statistics()
         nodes = await coord.store.nodes()
         done = await coord.store.finished_since(time.time() - window_s)
+        leader = await current_leader(coord.store)
         return {
             "url": coord.url,
+            # several coordinators on one store: this one, and the fleet's leader
+            "coordinator": {"id": coord.id, "leader": coord.leadership.is_leader},
+            "leader": None if leader is None else dataclasses.asdict(leader),
             "counts": await coord.counts(),
             "nodes": {s: sum(1 for n in nodes if n.state == s) for s in {n.state for n in nodes}},
             "agents": stats.agents,
@@ -150,7 +156,7 @@ def create_app(coord: Coordinator) -> FastAPI:
                 body.job_id, body.job_name, specs, None, owner=request.state.principal.owner
             )
         except SubmissionError as exc:
-            raise HTTPException(getattr(exc, "status", 422), str(exc)) from exc
+            raise _refused(exc, str(exc)) from exc
         return {"job_id": body.job_id, "task_ids": [s.id for s in specs]}
 
     @app.post("/v1/push", dependencies=auth)
@@ -183,7 +189,7 @@ def create_app(coord: Coordinator) -> FastAPI:
                 job_id, job_name, parsed.specs, None, owner=request.state.principal.owner
             )
         except SubmissionError as exc:
-            raise HTTPException(getattr(exc, "status", 422), f"{source}: {exc}") from exc
+            raise _refused(exc, f"{source}: {exc}") from exc
         return {"job_id": job_id, "tasks": len(parsed.specs)}
 
     @app.get("/v1/tasks/{task_id}", dependencies=auth)
@@ -321,3 +327,11 @@ def _service_json(record: ServiceRecord, health: protocol.HealthReport | None) -
         "restart_at": record.restart_at,
         "check": record.spec.model_dump(exclude_defaults=True),
     }
+
+
+def _refused(exc: SubmissionError, detail: str) -> HTTPException:
+    """A refused submission as HTTP: 422 for bad input; 503 (store down, shutting
+    down) with ``Retry-After``, so a client knows to send it again."""
+    status = getattr(exc, "status", 422)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return HTTPException(status, detail, headers=headers)

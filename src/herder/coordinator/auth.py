@@ -12,9 +12,13 @@ Two kinds of bearer token:
 
 Roles: ``read`` (every GET, the live feed: the dashboard's default),
 ``submit`` (read, plus submitting, uploading inputs and cancelling its own
-jobs), ``admin`` (everything), ``agent`` (what a worker node needs: the
-datastore). Every route is listed in :data:`RULES`; a route missing from it
-is ``admin`` only, and a test walks the app's routes so none is missed.
+jobs), ``admin`` (everything), ``agent`` (what a worker node needs: pairing,
+and the datastore). An agent token's secret is derived from the cluster
+secret, so that the coordinator can prove itself to the node at pairing
+without storing the secret (:func:`herder.security.agent_token_secret`).
+
+Every route is listed in :data:`RULES`; a route missing from it is ``admin``
+only, and a test walks the app's routes so none is missed.
 
 Failed authentications are counted per source address: past
 ``max_failures`` (``max_auth_failures`` in the settings, 20) in
@@ -193,6 +197,9 @@ class Authenticator:
         self, role: str, name: str | None, ttl_s: float | None, fingerprint: bytes, url: str
     ) -> tuple[security.ApiToken, TokenRecord]:
         token = security.ApiToken.new(fingerprint, url)
+        if role == "agent":  # its secret is derived, so pairing needs no stored secret
+            secret = security.agent_token_secret(self._secret, token.id)
+            token = security.ApiToken(token.id, secret, fingerprint, url)
         now = time.time()
         record = TokenRecord(
             id=token.id,
@@ -205,6 +212,30 @@ class Authenticator:
         await self._store.add_token(record)
         self._tokens[record.id] = record
         return token, record
+
+    def pairing_key(self, token_id: str) -> bytes:
+        """The key a node paired by the ``agent`` token ``token_id`` proves itself with
+        (see :func:`herder.security.agent_token_secret` for why both sides can derive
+        it); SecurityError with the reason when that token may not pair now."""
+        record = self._tokens.get(token_id)
+        if record is None:
+            raise SecurityError(f"no token {token_id}")
+        if record.revoked_at is not None:
+            raise SecurityError(f"token {token_id} was revoked")
+        if not record.usable(time.time()):
+            raise SecurityError(f"token {token_id} has expired")
+        if record.role != "agent":
+            raise SecurityError(f"token {token_id} is a {record.role} token, not an agent token")
+        secret = security.agent_token_secret(self._secret, token_id)
+        if not hmac.compare_digest(security.token_digest(secret), record.digest):
+            raise SecurityError(
+                f"token {token_id} was not made by this cluster: create a new agent token"
+            )
+        return security.pairing_key(secret, token_id)
+
+    def token_secret(self, token_id: str) -> bytes:
+        """An agent token's secret, derived again (what values sealed for its node use)."""
+        return security.agent_token_secret(self._secret, token_id)
 
     def tokens(self) -> list[TokenRecord]:
         return sorted(self._tokens.values(), key=lambda t: (t.created_at, t.id))

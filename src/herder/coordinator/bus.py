@@ -83,9 +83,12 @@ class Bus:
             raise
         return [a for a in agents if selector.evaluate(tree, _facts(a))]
 
-    def send(self, target: str, topic: str, data: Any, sender: str) -> int:
-        """Deliver to every node ``target`` names; how many it went to."""
+    def send(self, target: str, topic: str, data: Any, sender: str, *, relay: bool = True) -> int:
+        """Deliver to every node ``target`` names; how many it went to here (``relay``:
+        the other coordinators of the store deliver to theirs too, uncounted)."""
         agents = self.targets(target)
+        if relay:
+            self._coord.peers.relay("send", target=target, topic=topic, data=data, sender=sender)
         if agents:
             message = protocol.Deliver(topic=topic, data=data, sender=sender)
             for agent in agents:
@@ -140,7 +143,15 @@ class Bus:
 
     # --- to clients --------------------------------------------------------------
 
-    def broadcast(self, event: protocol.Event) -> None:
+    def broadcast(self, event: protocol.Event, *, relay: bool = True) -> None:
+        """Push ``event`` to our clients (``relay``: and the other coordinators' clients)."""
+        if relay and self._coord.peers.shared:
+            try:
+                dumped = event.model_dump(mode="json")
+            except ValueError as exc:  # e.g. an error nested too deep for JSON
+                log.warning("event %s not relayed to the other coordinators: %s", event.kind, exc)
+            else:
+                self._coord.peers.relay("event", event=dumped)
         clients: set[ClientSession] = self._coord.clients
         for client in clients:
             self._coord._spawn(client.send(event))

@@ -27,16 +27,17 @@ from typing import Any
 import uvicorn
 from fastapi import WebSocket
 
-from herder import protocol, security
+from herder import certs, protocol, security
 from herder.config import Settings
 from herder.datastore import Datastore
 from herder.discovery import DiscoveryOptions
 from herder.discovery.beacon import host_urls, run_beacon
 from herder.discovery.tracker import Entry, TrackerClient, announce_loop
-from herder.errors import InvalidTransition, StoreError, SubmissionError
+from herder.errors import InvalidTransition, SecurityError, StoreError, SubmissionError
 from herder.fleet import Fleet, NodeLoad
 from herder.herd import Herd
 from herder.model import (
+    CommandSpec,
     NodeRecord,
     NodeState,
     Reason,
@@ -46,18 +47,23 @@ from herder.model import (
     TaskState,
     constraint_key,
     labels_match,
+    new_id,
 )
 from herder.releases.manifest import Manifest
 from herder.selector import Facts, parse_key
 from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission, TaskResult
+from herder.store.cluster import leader_lock
 from herder.store.sql import SqlStore
 
 from .auth import Authenticator, Principal
 from .bus import Bus
-from .guard import ConnectionCounter, guarded_protocol
+from .guard import ConnectionCounter, TlsGate, TlsWebSocketProtocol, guarded_protocol
+from .leader import Leadership
 from .live_routes import LiveFeed
 from .logs import TaskLogs
 from .metrics import Metrics
+from .pairing import RefusalLog, client_certificate_refusal
+from .peers import Peers
 from .releases import ReleaseCatalog
 from .sessions import AgentSession, ClientSession
 from .telemetry import TelemetrySeries
@@ -105,20 +111,30 @@ class Coordinator:
         self.discovery = discovery or DiscoveryOptions(beacon=False)
         self.store = SqlStore(settings.store_url)
         self.secret = security.load_or_create_secret(settings.secret_path)
-        self.tls = security.ensure_tls(settings.tls_dir, [settings.listen_host])
-        self.ca_pem = self.tls.ca_cert.read_bytes()
+        self.tls = _served_tls(settings)
+        self.ca_pem = certs.ca_pem(self.tls)
         self.fingerprint = security.ca_fingerprint(self.ca_pem)
         self.datastore = Datastore(settings.datastore, settings.datastore_options)
         self.releases = ReleaseCatalog(self.datastore, self.store)
         self._sock = self._bind()
         port = self._sock.getsockname()[1]
         self.url = settings.url.rsplit(":", 1)[0] + f":{port}"
+        # This process among the coordinators of the store (new at each start).
+        self.id = new_id("co")
         self.agents: dict[str, AgentSession] = {}
         self.clients: set[ClientSession] = set()
-        self.watchers: dict[str, set[ClientSession]] = {}
+        # task id -> who waits for its outcome; immutable, and one set shared by all
+        # the tasks a client submitted at once (a set per queued task cost ~200 bytes)
+        self.watchers: dict[str, frozenset[ClientSession]] = {}
         self._known_ckeys: set[str] = {""}
         self._ready_hint = 0
         self._wake = asyncio.Event()
+        # After a failed store transaction, submissions are refused at once (503) while
+        # the engine's retry is under way and for a second after it (as Retry-After
+        # says), rather than queued behind it: a store that is down would keep each
+        # waiting a busy timeout or two. Then one goes through and tries the store.
+        self._store_down: tuple[float, StoreError] | None = None
+        self._committing = False
         self._results: asyncio.Queue[tuple[AgentSession, list[protocol.ResultItem]]] = (
             asyncio.Queue()
         )
@@ -134,6 +150,12 @@ class Coordinator:
         self._counts: tuple[float, dict[str, int]] = (-COUNTS_CACHE_S, {})
         self._counts_lock = asyncio.Lock()
         self.connections = ConnectionCounter(settings.max_connections_per_source)
+        self.tls_gate = TlsGate(
+            certs.server_context(self.tls, client_certs=settings.agent_mtls),
+            self.connections,
+            settings.timeouts.tls_handshake_s,
+        )
+        self.refusals = RefusalLog()
         self.bus = Bus(self)
         # task id -> the last health its agent reported (a cache: runs are
         # short-lived facts, the store keeps restarts and history)
@@ -152,6 +174,14 @@ class Coordinator:
             self,
             join=self.join_token(),
             grace_s=settings.timeouts.shutdown_grace_s,
+        )
+        self.peers = Peers(self)
+        self.leadership = Leadership(
+            leader_lock(settings.store_url),
+            self.store,
+            coordinator_id=self.id,
+            url=self.url,
+            work=self._lead,
         )
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -214,18 +244,19 @@ class Coordinator:
 
         await self.store.open()
         try:
+            await self.peers.open()
             await self._recover()
             await self.auth.load()
             await self.fleet.start(self.settings.home)
             await self.releases.start(self.declared_release)
             config = uvicorn.Config(
                 create_app(self),
-                ssl_certfile=str(self.tls.cert),
-                ssl_keyfile=str(self.tls.key),
                 log_level="warning",
                 lifespan="off",
                 ws_max_size=protocol.MAX_FRAME_BYTES,
-                http=guarded_protocol(self.connections),  # slowloris, per-source cap
+                # TLS with a handshake deadline, a per-source cap from accept, slowloris
+                http=guarded_protocol(self.tls_gate),
+                ws=TlsWebSocketProtocol,  # the client certificate in the scope (mutual TLS)
                 timeout_keep_alive=5,
                 ws_ping_interval=None,
                 timeout_graceful_shutdown=2,
@@ -240,7 +271,12 @@ class Coordinator:
                 loops = [
                     tg.create_task(self._engine_loop(), name="engine"),
                     tg.create_task(self._expiry_loop(), name="lease-expiry"),
-                    tg.create_task(self.fleet.run(self._stopping), name="fleet"),
+                    tg.create_task(self.fleet.run_callbacks(), name="herd-callbacks"),
+                    tg.create_task(self.leadership.run(), name="leadership"),
+                    tg.create_task(self.peers.presence_loop(), name="presence"),
+                    tg.create_task(self.peers.publish_loop(), name="peers-publish"),
+                    tg.create_task(self.peers.finals_loop(), name="peers-finals"),
+                    tg.create_task(self.peers.refresh_loop(), name="peers-refresh"),
                     tg.create_task(self._telemetry_loop(), name="telemetry"),
                 ]
                 loops += await self._discovery_loops(tg)
@@ -251,6 +287,8 @@ class Coordinator:
                 await self._shutdown(loops)
                 self._server.should_exit = True
         finally:
+            self.tls_gate.close()
+            await self.peers.close()
             await self.store.close()
             with contextlib.suppress(FileNotFoundError):
                 self.settings.state_path.unlink()
@@ -308,7 +346,9 @@ class Coordinator:
         path = self.settings.state_path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        # the CA fingerprint too: with the user's own CA it is not the home's tls/ca.pem
+        fingerprint = self.fingerprint.hex()
+        tmp.write_text(json.dumps({"url": self.url, "pid": os.getpid(), "ca": fingerprint}))
         os.replace(tmp, path)
 
     async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
@@ -328,8 +368,11 @@ class Coordinator:
             left,
             services,
         )
-        await self.fleet.stop_all()
-        log.info("shutdown 4/5: the herd's nodes terminated")
+        if self.leadership.is_leader:
+            await self.fleet.stop_all()
+            log.info("shutdown 4/5: the herd's nodes terminated")
+        else:  # another coordinator of the store runs the fleet: its nodes are its own
+            log.info("shutdown 4/5: not the fleet's leader: the herd's nodes left running")
         for task in loops:
             task.cancel()
         for agent in list(self.agents.values()):
@@ -350,21 +393,29 @@ class Coordinator:
             await self._acked.wait()
 
     async def _recover(self) -> None:
-        """After a (re)start: count the queue, and give known nodes time to come back."""
+        """After a (re)start: count the queue, and requeue what dead nodes held.
+
+        Nodes recorded alive are left alone: they may be served by another
+        coordinator of the store, or be about to reconnect here. The leader's
+        sweep (:meth:`Peers.sweep_loop`) declares lost those that no
+        coordinator hears for ``lost_after_s`` after it took the lead.
+        """
         counts = await self.store.counts()
         self._ready_hint = counts.get(TaskState.READY.value, 0)
         self._known_ckeys.update(await self.store.ready_constraint_keys())
-        deadline = time.monotonic() + self.settings.timeouts.lost_after_s
         now = time.time()
         for node in await self.store.nodes():
             if node.paused and node.state.is_alive:
                 self.bus.paused.add(node.id)
-            if node.state in (NodeState.REQUESTED, NodeState.BOOTING):
-                continue  # still booting: its boot timeout decides
-            if node.state.is_alive:
-                self._orphan_deadline[node.id] = deadline
-            else:
+            if not node.state.is_alive:
                 self._apply(await self.store.requeue_node(node.id, Reason.LOST_HEARTBEAT, now))
+
+    async def _lead(self) -> None:
+        """The leader's work: the fleet reconcile loop and the silent-node sweep."""
+        since = self.leadership.since or time.monotonic()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.fleet.run_reconcile(self._stopping), name="fleet")
+            tg.create_task(self.peers.sweep_loop(since), name="silent-node-sweep")
 
     @property
     def is_stopping(self) -> bool:
@@ -389,6 +440,10 @@ class Coordinator:
         """
         if self.is_stopping:
             raise SubmissionError("the coordinator is shutting down", status=503)
+        if self._store_down is not None and (
+            self._committing or time.monotonic() < self._store_down[0]
+        ):
+            raise SubmissionError(f"store unavailable: {self._store_down[1]}", status=503)
         await self.releases.check(specs)
         specs = [self._sealed(s) for s in specs]
         fleet_release = self.releases.fleet_release
@@ -426,21 +481,27 @@ class Coordinator:
         return [f.task_id for f in changes.finals if f.state is TaskState.CANCELLED]
 
     def watch(self, client: ClientSession, task_ids: Iterable[str]) -> None:
+        alone = frozenset((client,))
         for tid in task_ids:
-            self.watchers.setdefault(tid, set()).add(client)
+            ws = self.watchers.get(tid)
+            self.watchers[tid] = alone if ws is None or ws == alone else ws | alone
             client.watched.add(tid)
 
     def unwatch(self, client: ClientSession, task_ids: Iterable[str]) -> None:
         for tid in task_ids:
             ws = self.watchers.get(tid)
             if ws is not None:
-                ws.discard(client)
-                if not ws:
+                rest = ws - {client}
+                if rest:
+                    self.watchers[tid] = rest
+                else:
                     del self.watchers[tid]
             client.watched.discard(tid)
 
     def _apply(self, changes: Changes) -> None:
-        """Act on a committed transaction: wake dispatch, tell watchers."""
+        """Act on a committed transaction: wake dispatch, tell watchers (and the
+        other coordinators of the store)."""
+        self.peers.note(ready=changes.newly_ready, finals=changes.finals)
         if changes.newly_ready:
             self._ready_hint += changes.newly_ready
             self._wake.set()
@@ -543,8 +604,11 @@ class Coordinator:
             log.warning("refused agent at %s: expected hello v%d", peer, protocol.VERSION)
             await ws.close(4400, "expected hello")
             return None
+        key = await self._pairing_key(ws, peer, hello)
+        if key is None:
+            return None
         nonce = security.new_nonce()
-        mac = security.coordinator_proof(self.secret, hello.nonce, nonce)
+        mac = security.coordinator_proof(key, hello.nonce, nonce)
         await ws.send_bytes(protocol.encode(protocol.Challenge(nonce=nonce, mac=mac)))
         try:
             (reply,) = protocol.decode_agent(await receive_frame(ws))
@@ -554,27 +618,37 @@ class Coordinator:
             return None
         if isinstance(reply, protocol.Bye):
             log.warning("agent %s at %s refused to pair: %s", hello.node_id, peer, reply.reason)
-            await self.store.add_event(
-                "pairing_refused",
-                time.time(),
-                node_id=hello.node_id,
-                data={"by": "agent", "reason": reply.reason},
-            )
+            await self.refusals.record(self.store, _host(ws), hello.node_id, "agent", reply.reason)
             await ws.close(4401, "pairing refused")
             return None
-        expected = security.agent_proof(self.secret, nonce, hello.nonce)
+        expected = security.agent_proof(key, nonce, hello.nonce)
         if not isinstance(reply, protocol.Proof) or not security.proofs_equal(reply.mac, expected):
             log.warning("refused agent %s at %s: wrong secret", hello.node_id, peer)
-            await self.store.add_event(
-                "pairing_refused",
-                time.time(),
-                node_id=hello.node_id,
-                data={"by": "coordinator", "reason": "wrong secret"},
+            await self.refusals.record(
+                self.store, _host(ws), hello.node_id, "coordinator", "wrong secret"
             )
             await ws.send_bytes(protocol.encode(protocol.Refuse(reason="authentication failed")))
             await ws.close(4401, "authentication failed")
             return None
         return await self._register(ws, hello)
+
+    async def _pairing_key(self, ws: WebSocket, peer: str, hello: protocol.Hello) -> bytes | None:
+        """What this agent must prove it knows: the cluster secret, or the key of the
+        agent token it names; None (refused, with the reason sent) if it may not pair."""
+        refusal = client_certificate_refusal(ws.scope, self.settings.agent_mtls)
+        key = self.secret
+        if refusal is None and hello.token_id is not None:
+            try:
+                key = self.auth.pairing_key(hello.token_id)
+            except SecurityError as exc:
+                refusal = str(exc)
+        if refusal is None:
+            return key
+        log.warning("refused agent %s at %s: %s", hello.node_id, peer, refusal)
+        await self.refusals.record(self.store, _host(ws), hello.node_id, "coordinator", refusal)
+        await ws.send_bytes(protocol.encode(protocol.Refuse(reason=refusal)))
+        await ws.close(4401, "authentication failed")
+        return None
 
     async def _register(self, ws: WebSocket, hello: protocol.Hello) -> AgentSession:
         now = time.time()
@@ -602,7 +676,7 @@ class Coordinator:
             address=existing.address if existing else None,
             paused=existing.paused if existing else False,
         )
-        await self.store.upsert_node(record)
+        await self.store.upsert_node(record, coordinator=self.id)
         held = [(h.task_id, h.lease_id) for h in hello.held]
         adopted = await self.store.adopt(hello.node_id, held)
         self._apply(
@@ -619,6 +693,7 @@ class Coordinator:
             ws=ws,
             provider=record.provider,
             facts=Facts(hello.node_id, hello.labels, hello.data, hello.resources),
+            token_id=hello.token_id,
         )
         task_of = dict((lid, tid) for tid, lid in held)
         session.outstanding = {lid: task_of[lid] for lid in adopted}
@@ -706,6 +781,7 @@ class Coordinator:
         """A token was revoked: close the WebSockets it opened (clients and live feeds)."""
         closing = [c.ws for c in self.clients if c.principal.token_id == token_id]
         closing += [ws for ws, who in self.live_sockets.items() if who.token_id == token_id]
+        closing += [a.ws for a in self.agents.values() if a.token_id == token_id]  # its nodes
         for ws in closing:
             with contextlib.suppress(Exception):  # gone already: nothing to close
                 await ws.close(4401, "the token was revoked")
@@ -801,6 +877,8 @@ class Coordinator:
                 if chunk.lease_id in session.outstanding:
                     self.logs.add(chunk.task_id, chunk.lease_id, chunk.stream, chunk.data)
         elif isinstance(msg, protocol.Release):
+            if msg.leaving:  # stopping: what it hands back must go to the others
+                session.draining = True
             for h in msg.leases:
                 if session.outstanding.pop(h.lease_id, None) is not None:
                     self._released.append((h.task_id, h.lease_id))
@@ -859,6 +937,7 @@ class Coordinator:
             if not (items or started or released or requests or submissions):
                 continue
             commit_started = time.perf_counter()
+            self._committing = True
             try:
                 changes, claimed, errors = await self.store.cycle(
                     submissions=[sub for sub, _ in submissions],
@@ -870,9 +949,13 @@ class Coordinator:
                 )
             except StoreError as exc:
                 log.error("store unavailable: %s", exc)
+                self._store_down = (time.monotonic() + 1.0, exc)
                 self._requeue_turn(batch, started, released, submissions, exc)
                 await asyncio.sleep(0.5)
                 continue
+            finally:
+                self._committing = False
+            self._store_down = None
             self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
             self.metrics.observe_results(
                 [
@@ -882,11 +965,17 @@ class Coordinator:
                 ]
             )
             for (sub, done), error in zip(submissions, errors, strict=True):
+                # a request cancelled meanwhile has nobody to tell; the outcome stands
                 if error is None:
-                    done.set_result(None)
+                    if not done.done():
+                        done.set_result(None)
+                    self.peers.note(
+                        ready=len(sub.specs), ckeys={s.constraint_key() for s in sub.specs}
+                    )
                 else:
                     self._ready_hint -= len(sub.specs)
-                    done.set_exception(error)
+                    if not done.done():
+                        done.set_exception(error)
             outbox: dict[AgentSession, list[protocol._Msg]] = {}
             self._ack(batch, changes, outbox)
             if any(session.holding for session, _ in batch):
@@ -919,16 +1008,21 @@ class Coordinator:
     ) -> None:
         """A turn whose transaction failed: nothing was written, so try it all again.
 
-        Submitters are told at once (they retry with the same ids); results
-        and hand-backs stay queued for the next turn.
+        Submitters are told at once (they retry with the same ids), also those
+        whose submissions came in meanwhile; results and hand-backs stay queued
+        for the next turn.
         """
         for item in batch:
             self._results.put_nowait(item)
         self._started[:0] = started
         self._released[:0] = released
-        for sub, done in submissions:
-            self._ready_hint -= len(sub.specs)
-            done.set_exception(SubmissionError(f"store unavailable: {exc}", status=503))
+        for sub, _ in submissions:
+            self._ready_hint -= len(sub.specs)  # queued ones were not counted yet
+        refused = SubmissionError(f"store unavailable: {exc}", status=503)
+        for _, done in [*submissions, *self._submissions]:
+            if not done.done():  # its request may have been cancelled meanwhile
+                done.set_exception(refused)
+        self._submissions = []
         self._wake.set()
 
     def _claim_requests(self, finishing: dict[str, int]) -> list[ClaimRequest]:
@@ -987,7 +1081,7 @@ class Coordinator:
                     attempt=c.attempt,
                     kind=c.kind,  # type: ignore[arg-type]
                     payload=c.payload,
-                    command=c.command,
+                    command=self._sealed_for(agent, c.command),
                     timeout_s=c.timeout_s,
                     dep_results=c.dep_results,
                     job_id=c.job_id,
@@ -999,6 +1093,14 @@ class Coordinator:
                 for c in claimed
             ]
         )
+
+    def _sealed_for(self, agent: AgentSession, command: CommandSpec | None) -> CommandSpec | None:
+        """Secret variables as the node can open them: a node paired by an agent token
+        does not know the cluster secret, so they are sealed again for its token."""
+        if command is None or agent.token_id is None or not command.secret_env:
+            return command
+        key = self.auth.token_secret(agent.token_id)
+        return command.with_secrets(lambda v: security.seal(key, security.unseal(self.secret, v)))
 
     def _ack(
         self,
@@ -1041,6 +1143,8 @@ class Coordinator:
         now_m = time.monotonic()
         lost_after = self.settings.timeouts.lost_after_s
         for agent in list(self.agents.values()):
+            if self.agents.get(agent.node_id) is not agent:
+                continue  # its session ended (or it paired again) while we awaited another
             if now_m - agent.last_heard > lost_after:
                 log.warning(
                     "agent %s silent for %.1fs: lost", agent.node_id, now_m - agent.last_heard
@@ -1050,11 +1154,52 @@ class Coordinator:
                 self.telemetry.forget(agent.node_id)
                 with contextlib.suppress(Exception):
                     await agent.ws.close(4408, "heartbeat lost")
-                await self.mark_lost(agent.node_id, Reason.LOST_HEARTBEAT)
+                await self._lose_own(agent.node_id)
         for node_id, deadline in list(self._orphan_deadline.items()):
             if now_m > deadline and node_id not in self.agents:
                 del self._orphan_deadline[node_id]
-                await self.mark_lost(node_id, Reason.LOST_HEARTBEAT)
+                await self._lose_own(node_id)
+
+    async def _lose_own(self, node_id: str) -> None:
+        """Its session here went silent or closed: lost, unless meanwhile it paired
+        with another coordinator of the store (which holds its leases now)."""
+        lost = await self.lose_silent(
+            silent_before=time.time() + 1.0,
+            reason=Reason.LOST_HEARTBEAT,
+            node_ids=[node_id],
+            held_by=self.id,
+        )
+        if lost:
+            return
+        node = await self.store.node(node_id)
+        if node is not None and not node.state.is_alive:  # ended (terminate): leases back
+            await self._requeue_lost(node_id, None, Reason.LOST_HEARTBEAT, time.time())
+        else:
+            log.info("node %s went silent here but lives on elsewhere", node_id)
+
+    async def lose_silent(
+        self,
+        *,
+        silent_before: float,
+        reason: str,
+        node_ids: list[str] | None = None,
+        held_by: str | None = None,
+        exclude: set[str] | frozenset[str] = frozenset(),
+    ) -> int:
+        """Declare lost the nodes :meth:`SqlStore.lose_nodes` finds silent, and requeue
+        their leases; how many."""
+        now = time.time()
+        nodes = await self.store.lose_nodes(
+            now,
+            reason,
+            silent_before=silent_before,
+            node_ids=node_ids,
+            held_by=held_by,
+            exclude=exclude,
+        )
+        for node in nodes:
+            await self._requeue_lost(node.id, node, reason, now)
+        return len(nodes)
 
     async def mark_lost(self, node_id: str, reason: str) -> None:
         """A node is gone: record it and requeue its leases (attempt charged; its
@@ -1064,6 +1209,11 @@ class Coordinator:
             node = await self.store.set_node_state(node_id, NodeState.LOST, reason, now)
         except InvalidTransition:  # it said goodbye first: terminated stays terminated
             node = None
+        await self._requeue_lost(node_id, node, reason, now)
+
+    async def _requeue_lost(
+        self, node_id: str, node: NodeRecord | None, reason: str, now: float
+    ) -> None:
         changes = await self.store.requeue_node(node_id, reason, now)
         if node is not None:
             log.info("node %s lost (%s): %d tasks requeued", node_id, reason, len(changes.requeued))
@@ -1098,7 +1248,8 @@ class Coordinator:
     # --- the fleet's view (herder.fleet.AgentLink) -----------------------------------
 
     def loads(self) -> dict[str, NodeLoad]:
-        return {
+        """Our sessions, and the nodes other coordinators of the store serve."""
+        return self.peers.remote_loads() | {
             node_id: NodeLoad(
                 slots=a.slots,
                 running=len(a.outstanding),
@@ -1119,6 +1270,9 @@ class Coordinator:
 
     async def drain(self, node_id: str, reason: str, *, kill: bool) -> bool:
         agent = self.agents.get(node_id)
+        if agent is None and node_id in self.peers.remote_loads():
+            self.peers.relay("drain", node_id=node_id, reason=reason, kill=kill)
+            return True  # its coordinator drains it
         if agent is None or agent.closed:
             return False
         agent.draining = True
@@ -1150,6 +1304,18 @@ def _task_result(i: protocol.ResultItem) -> TaskResult:
         started_at=i.started_at,
         ended_at=i.ended_at,
     )
+
+
+def _served_tls(settings: Settings) -> certs.ServedTls:
+    """The user's own certificates when given (checked), else the coordinator's own CA."""
+    if settings.tls_cert is not None and settings.tls_key is not None and settings.tls_ca:
+        return certs.served_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    own = security.ensure_tls(settings.tls_dir, [settings.listen_host])
+    return certs.ServedTls(ca_cert=own.ca_cert, cert=own.cert, key=own.key)
+
+
+def _host(ws: WebSocket) -> str:
+    return ws.client.host if ws.client else "?"
 
 
 def _is_disconnect(exc: BaseException) -> bool:

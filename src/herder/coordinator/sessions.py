@@ -44,6 +44,7 @@ class AgentSession:
     record: NodeRecord | None = None  # as stored when it became ready (for callbacks)
     services: set[str] = field(default_factory=set)  # lease ids of services it was given
     facts: Facts = field(default_factory=Facts)  # what its selectors are evaluated on
+    token_id: str | None = None  # the agent token it paired with (None: the cluster secret)
     # lease id -> the resources that lease holds (only leases that need some)
     holding: dict[str, dict[str, float]] = field(default_factory=dict)
     # placement key -> whether this node could ever run it (its facts do not change)

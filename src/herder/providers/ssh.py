@@ -58,12 +58,18 @@ import secrets
 import shlex
 import sys
 import sysconfig
+import warnings
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import asyncssh
+with warnings.catch_warnings():
+    # asyncssh names cryptography's DSA classes at import, which cryptography 47+
+    # deprecates on access; the warning is about asyncssh, not about anything a
+    # user of herder did or can change (herder makes ed25519 keys).
+    warnings.filterwarnings("ignore", message="DSA is deprecated")
+    import asyncssh
 
 from herder.errors import ProviderError
 

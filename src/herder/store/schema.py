@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 7
-
-# Columns added since an earlier version: ``migrate`` adds them to a store of
-# that version (additive only, so an upgrade never rewrites a table).
-ADDED_COLUMNS: dict[int, list[tuple[str, sa.Column[object]]]] = {}
+# A change below needs a new revision in herder/store/migrations/versions that
+# moves a store of the previous version here (``meta.schema`` = SCHEMA_VERSION,
+# revision id = the number, zero-padded); test_db_migrations checks both agree.
+SCHEMA_VERSION = 8
 
 metadata = sa.MetaData()
 
@@ -77,7 +76,6 @@ sa.Index("ix_tasks_state_seq", tasks.c.state, tasks.c.seq)
 sa.Index("ix_tasks_finished", tasks.c.finished_at)
 _service = tasks.c.service.is_not(None)
 # ``herder services`` reads the few services without walking the whole table.
-# Created on open when missing (a store made before services existed).
 ix_tasks_service = sa.Index(
     "ix_tasks_service",
     tasks.c.state,
@@ -86,9 +84,6 @@ ix_tasks_service = sa.Index(
 )
 # ``herder release rm`` asks whether any task not yet finished names a release.
 ix_tasks_release = sa.Index("ix_tasks_release", tasks.c.release, tasks.c.state)
-ADDED_INDEXES = [ix_tasks_service, ix_tasks_release, ix_tasks_job_state_seq]
-# Indexes of older versions that a newer one replaces (dropped on upgrade).
-REMOVED_INDEXES = {6: ["ix_tasks_job_state"]}
 sa.Index(
     "ix_tasks_node_active",
     tasks.c.node_id,
@@ -151,6 +146,11 @@ nodes = sa.Table(
     sa.Column("data", sa.JSON),
     sa.Column("resources", sa.JSON),
     sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Several coordinators on one store: the one holding the node's session now
+    # (None: no session). With ``last_seen``, written for all of a coordinator's
+    # sessions in one statement a second, it tells every coordinator whether a
+    # node it does not serve is alive elsewhere (herder.coordinator.peers).
+    sa.Column("coordinator", sa.String(64)),
 )
 
 events = sa.Table(
@@ -165,27 +165,6 @@ events = sa.Table(
     sa.Column("data", sa.JSON, nullable=False),
 )
 sa.Index("ix_events_task", events.c.task_id)
-
-ADDED_COLUMNS[3] = [
-    ("tasks", sa.Column("service", sa.JSON(none_as_null=True))),
-    ("tasks", sa.Column("restarts", sa.Integer, nullable=False, server_default="0")),
-    ("nodes", sa.Column("address", sa.String(256))),
-    ("nodes", sa.Column("deadline", sa.Float)),
-]
-ADDED_COLUMNS[4] = [
-    ("nodes", sa.Column("data", sa.JSON)),
-    ("nodes", sa.Column("resources", sa.JSON)),
-    ("nodes", sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false())),
-]
-ADDED_COLUMNS[5] = [
-    ("tasks", sa.Column("release", sa.String(32))),
-]
-ADDED_COLUMNS[6] = [
-    ("jobs", sa.Column("started_at", sa.Float)),
-]
-ADDED_COLUMNS[7] = [
-    ("jobs", sa.Column("owner", sa.String(32))),
-]
 
 # Telemetry as time series: a node's readings (``task_id`` "") or a task's own,
 # every second (``resolution`` 1) for ten minutes, then as one-minute averages

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from herder.errors import InvalidTransition, SchemaMismatch, StoreError, SubmissionError
+from herder.errors import InvalidTransition, StoreError, SubmissionError
 from herder.model import (
     FINAL_TASK_STATES,
     TASK_TRANSITIONS,
@@ -42,12 +42,11 @@ from herder.model import (
     check_node_transition,
     find_cycle,
     gc_paused,
-    new_id,
     sources,
     valid_id,
 )
 from herder.selector import parse_key
-from herder.store import schema
+from herder.store import migrate, schema
 from herder.store.base import (
     Changes,
     Claimed,
@@ -76,6 +75,7 @@ _CHUNK = 2000  # bound on parameters in one IN (...) list
 _ROWS_PER_INSERT = 5000
 _TEXT = 256  # width of the name and reason columns
 _CKEY = 1024  # width of the constraint key column
+_UNPAIRED_NODE_STATES = (NodeState.REQUESTED, NodeState.BOOTING)
 _t = schema.tasks
 _d = schema.deps
 _a = schema.attempts
@@ -110,6 +110,7 @@ class SqlStore(Store):
         self._writer: sa.Engine | None = None
         self._reader: sa.Engine | None = None
         self._async_engine: AsyncEngine | None = None
+        self._schema_ok = False  # open() found (or made) the schema this code knows
         self._write_thread: ThreadPoolExecutor | None = None
         self._read_threads: ThreadPoolExecutor | None = None
         self._jobs_started: set[str] = set()  # jobs whose started_at is known to be set
@@ -122,13 +123,37 @@ class SqlStore(Store):
     # --- lifecycle -----------------------------------------------------------
 
     async def open(self) -> None:
-        if self._writer is not None:
+        """Connect; create an empty store at the current schema, or refuse one at
+        another (:class:`SchemaMismatch` says what to run: ``herder db upgrade``)."""
+        if self._schema_ok:
+            return
+        self._connect()
+        await self._write(lambda conn: migrate.prepare(conn, self.url))
+        self._schema_ok = True
+
+    async def schema_state(self) -> migrate.SchemaState:
+        """The store's schema next to this code's; works on a store ``open`` refuses."""
+        self._connect()
+        return await self._read(lambda conn: migrate.read_state(conn, self.url))
+
+    async def upgrade_schema(self) -> migrate.Upgraded:
+        """Migrate the store to this code's schema in one transaction (``herder db upgrade``)."""
+        self._connect()
+        return await self._write(lambda conn: migrate.upgrade(conn, self.url))
+
+    async def write_transaction(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one write transaction: for operations on the store that
+        are not part of its interface (herder.store.vacuum's batches)."""
+        return await self._write(fn)
+
+    def _connect(self) -> None:
+        """Make the engines (and SQLite's threads) once; no query is sent yet."""
+        if self._writer is not None or self._async_engine is not None:
             return
         if self.is_sqlite:
             path = self._sync_url.removeprefix("sqlite+pysqlite:///")
             if path in ("", ":memory:"):
                 self._open_memory()
-                await self._write(self._migrate)
                 return
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._writer = sa.create_engine(
@@ -149,7 +174,6 @@ class SqlStore(Store):
             self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="herder-store-read")
         else:
             self._async_engine = create_async_engine(self._async_url, pool_size=8, max_overflow=8)
-        await self._write(self._migrate)
 
     def _open_memory(self) -> None:
         """An in-memory SQLite database lives in one connection and dies with it.
@@ -166,52 +190,6 @@ class SqlStore(Store):
         self._reader = self._writer
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="herder-store-write")
         self._read_threads = self._write_thread
-
-    def _migrate(self, conn: Connection) -> None:
-        schema.metadata.create_all(conn)
-        row = conn.execute(
-            sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema")
-        ).first()
-        if row is None:
-            conn.execute(
-                schema.meta.insert().values(key="schema", value=str(schema.SCHEMA_VERSION))
-            )
-        elif int(row[0]) != schema.SCHEMA_VERSION:
-            self._upgrade(conn, int(row[0]))
-        for index in schema.ADDED_INDEXES:
-            index.create(conn, checkfirst=True)
-        if (
-            conn.execute(
-                sa.select(schema.meta.c.value).where(schema.meta.c.key == "cluster")
-            ).first()
-            is None
-        ):
-            conn.execute(schema.meta.insert().values(key="cluster", value=new_id("c")))
-
-    def _upgrade(self, conn: Connection, found: int) -> None:
-        """Bring an older store up to this version with additive changes only."""
-        if found > schema.SCHEMA_VERSION or found < min(schema.ADDED_COLUMNS) - 1:
-            raise SchemaMismatch(
-                f"store {self.url} has schema {found}, this herder understands "
-                f"{min(schema.ADDED_COLUMNS) - 1} to {schema.SCHEMA_VERSION}: "
-                + ("upgrade herder" if found > schema.SCHEMA_VERSION else "start a new store")
-            )
-        tables = ("tasks", "nodes", "jobs")
-        have = {t: {c["name"] for c in sa.inspect(conn).get_columns(t)} for t in tables}
-        for version in range(found + 1, schema.SCHEMA_VERSION + 1):
-            for index_name in schema.REMOVED_INDEXES.get(version, []):
-                conn.execute(sa.text(f"DROP INDEX IF EXISTS {index_name}"))
-            for table, column in schema.ADDED_COLUMNS.get(version, []):
-                if column.name in have.get(table, set()):
-                    continue  # a half-upgraded store (or a test's partial downgrade)
-                ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
-                conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {ddl}"))
-        conn.execute(
-            schema.meta.update()
-            .where(schema.meta.c.key == "schema")
-            .values(value=str(schema.SCHEMA_VERSION))
-        )
-        log.info("store %s upgraded from schema %d to %d", self.url, found, schema.SCHEMA_VERSION)
 
     async def set_node_paused(self, node_id: str, paused: bool, now: float) -> bool:
         """Pause or resume a node (event ``node_paused``/``node_resumed``); False if
@@ -237,11 +215,7 @@ class SqlStore(Store):
 
     async def set_meta(self, key: str, value: str) -> None:
         def _tx(conn: Connection) -> None:
-            res = conn.execute(
-                schema.meta.update().where(schema.meta.c.key == key).values(value=value)
-            )
-            if not res.rowcount:
-                conn.execute(schema.meta.insert().values(key=key, value=value))
+            conn.execute(self._sql.upsert_meta, {"key": key, "value": value})
 
         await self._write(_tx)
 
@@ -270,6 +244,7 @@ class SqlStore(Store):
             if pool is not None:
                 pool.shutdown(wait=True)
         self._writer = self._reader = self._async_engine = None
+        self._schema_ok = False
         self._write_thread = self._read_threads = None
 
     async def _write(self, fn: Callable[[Connection], T]) -> T:
@@ -1561,8 +1536,11 @@ class SqlStore(Store):
 
     # --- nodes and events ------------------------------------------------------------
 
-    async def upsert_node(self, node: NodeRecord) -> None:
+    async def upsert_node(self, node: NodeRecord, *, coordinator: str | None = None) -> None:
+        """Record a node as it pairs; ``coordinator``: the one that holds its session now."""
         values = node.model_dump(mode="json")
+        if coordinator is not None:
+            values["coordinator"] = coordinator
 
         def _tx(conn: Connection) -> Any:
             res = conn.execute(
@@ -1680,6 +1658,110 @@ class SqlStore(Store):
             return [_node_record(r) for r in conn.execute(q)]
 
         return await self._read(_tx)
+
+    async def touch_nodes(
+        self, coordinator: str, node_ids: list[str], now: float, *, stale_before: float
+    ) -> int:
+        """``coordinator`` heard these nodes just now: one statement for all of them.
+
+        Several coordinators on one store tell from ``last_seen`` and
+        ``coordinator`` whether a node they do not serve is alive elsewhere.
+        Left alone: a node recorded dead, and one that another coordinator
+        heard since ``stale_before`` (it paired there; this session is a
+        half-open leftover). Returns the rows touched.
+        """
+        if not node_ids:
+            return 0
+        dead = [NodeState.TERMINATED.value, NodeState.LOST.value]
+        stmt = (
+            _n.update()
+            .where(
+                _n.c.id.in_(sa.bindparam("ids", expanding=True)),
+                _n.c.state.notin_(dead),
+                sa.or_(
+                    _n.c.coordinator.is_(None),
+                    _n.c.coordinator == coordinator,
+                    sa.func.coalesce(_n.c.last_seen, 0.0) < stale_before,
+                ),
+            )
+            .values(last_seen=now, coordinator=coordinator)
+        )
+
+        def _tx(conn: Connection) -> int:
+            return sum(
+                conn.execute(stmt, {"ids": list(chunk)}).rowcount for chunk in _chunks(node_ids)
+            )
+
+        return await self._write(_tx)
+
+    async def held_elsewhere(self, coordinator: str, heard_since: float) -> list[NodeRecord]:
+        """Alive nodes whose session another coordinator holds, heard since ``heard_since``."""
+        q = sa.select(_n).where(
+            _n.c.state.notin_([NodeState.TERMINATED.value, NodeState.LOST.value]),
+            _n.c.coordinator.is_not(None),
+            _n.c.coordinator != coordinator,
+            _n.c.last_seen >= heard_since,
+        )
+
+        def _tx(conn: Connection) -> list[NodeRecord]:
+            return [_node_record(r) for r in conn.execute(q)]
+
+        return await self._read(_tx)
+
+    async def lose_nodes(
+        self,
+        now: float,
+        reason: str,
+        *,
+        silent_before: float,
+        node_ids: Collection[str] | None = None,
+        held_by: str | None = None,
+        exclude: Collection[str] = (),
+    ) -> list[NodeRecord]:
+        """Record as ``lost`` the paired nodes not heard since ``silent_before``, in
+        one transaction whose conditions are checked on the rows it changes.
+
+        ``node_ids`` narrows it to those nodes; ``held_by`` to nodes whose
+        session that coordinator holds (or nobody does): a coordinator never
+        declares lost a node that reconnected to another meanwhile. Nodes
+        still booting are left to their boot timeout. Returns the nodes as
+        they were; their leases are the caller's to requeue
+        (:meth:`requeue_node`).
+        """
+        paired = [s.value for s in NodeState if s.is_alive and s not in _UNPAIRED_NODE_STATES]
+        q = sa.select(_n).where(
+            _n.c.state.in_(paired),
+            sa.func.coalesce(_n.c.last_seen, _n.c.created_at) < silent_before,
+        )
+        if node_ids is not None:
+            if not node_ids:
+                return []
+            q = q.where(_n.c.id.in_(list(node_ids)))
+        if held_by is not None:
+            q = q.where(sa.or_(_n.c.coordinator.is_(None), _n.c.coordinator == held_by))
+        if not self.is_sqlite:
+            q = q.with_for_update(skip_locked=True)  # one being re-paired now is not silent
+
+        def _tx(conn: Connection) -> list[NodeRecord]:
+            rows = [r for r in conn.execute(q) if r.id not in exclude]
+            if not rows:
+                return []
+            conn.execute(
+                _n.update()
+                .where(_n.c.id.in_([r.id for r in rows]))
+                .values(state=NodeState.LOST.value, reason=reason[:_TEXT], coordinator=None)
+            )
+            self._events(
+                conn,
+                now,
+                [
+                    ("node_lost", None, r.id, None, {"reason": reason, "from": r.state})
+                    for r in rows
+                ],
+            )
+            return [_node_record(r) for r in rows]
+
+        return await self._write(_tx)
 
     async def add_event(
         self,

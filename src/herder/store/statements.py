@@ -84,6 +84,11 @@ class HotStatements:
         self.states_locked = states if is_sqlite else states.with_for_update(read=True)
         self.insert_job = insert(schema.jobs).on_conflict_do_nothing()
         # telemetry: a second's readings flushed in two batches keep the later one
+        # several coordinators may write one key at once: one statement, no race
+        put_meta = insert(schema.meta)
+        self.upsert_meta = put_meta.on_conflict_do_update(
+            index_elements=[schema.meta.c.key], set_={"value": put_meta.excluded.value}
+        )
         upsert = insert(schema.samples)
         self.upsert_samples = upsert.on_conflict_do_update(
             index_elements=[c.name for c in schema.samples.primary_key.columns],

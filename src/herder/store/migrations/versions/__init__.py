@@ -1,0 +1,1 @@
+"""One revision per store schema version (see herder.store.migrations)."""
