@@ -19,6 +19,7 @@ result was committed).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections import Counter, defaultdict
@@ -118,22 +119,43 @@ class Verdict:
         return ", ".join(parts)
 
 
-def _store(db: Path) -> tuple[dict[str, tuple[str, str | None]], list[tuple[Any, ...]]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        tasks = {tid: (state, lease) for tid, state, lease in conn.execute(
-            "SELECT id, state, lease_id FROM tasks"
-        )}  # fmt: skip
-        attempts = list(
-            conn.execute("SELECT task_id, attempt, lease_id, outcome, leased_at FROM attempts")
-        )
-    finally:
-        conn.close()
+Store = Path | str
+"""A store the checker reads: a SQLite file, or a ``postgresql://`` URL."""
+
+
+def store_rows(store: Store, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of one read-only query (plain SQL both dialects accept) on ``store``."""
+    if isinstance(store, Path):
+        conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
+        try:
+            return list(conn.execute(sql))
+        finally:
+            conn.close()
+    import asyncpg
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(store, timeout=30)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+def _store(store: Store) -> tuple[dict[str, tuple[str, str | None]], list[tuple[Any, ...]]]:
+    tasks = {
+        tid: (state, lease)
+        for tid, state, lease in store_rows(store, "SELECT id, state, lease_id FROM tasks")
+    }
+    attempts = store_rows(
+        store, "SELECT task_id, attempt, lease_id, outcome, leased_at FROM attempts"
+    )
     return tasks, attempts
 
 
 def check(
-    db: Path,
+    db: Store,
     submissions: SubmissionLog,
     exec_log: Path,
     *,

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,7 +28,7 @@ from herder import security
 from herder.client import AsyncClient
 from herder.local import LocalHerd
 from herder.model import TaskSpec, new_id
-from tests.faults.fault_checker import SubmissionLog, Verdict
+from tests.faults.fault_checker import Store, SubmissionLog, Verdict, store_rows
 
 FULL = os.environ.get("HERDER_FAULTS_FULL") == "1"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -112,14 +111,22 @@ def pick_from(items: Sequence[Any], pick: float) -> Any:
 
 
 def fault_herd(
-    home: Path, nodes: int, slots: int, *, listen: str = "127.0.0.1:0", **env: str
+    home: Path,
+    nodes: int,
+    slots: int,
+    *,
+    listen: str = "127.0.0.1:0",
+    store: str | None = None,
+    **env: str,
 ) -> LocalHerd:
-    """A LocalHerd whose agents append to ``home/exec.log``."""
+    """A LocalHerd whose agents append to ``home/exec.log`` (its store ``home/herd.db``
+    unless ``store`` names another)."""
     return LocalHerd(
         nodes=nodes,
         slots=slots,
         home=home,
         listen=listen,
+        store=store,
         env={**os.environ, "HERDER_EXEC_LOG": str(home / "exec.log"), **env},
     )
 
@@ -173,20 +180,15 @@ def submit(
     asyncio.run(_submit(env, batches, log, job or new_id("j"), pause_s))
 
 
-def count_settled(db: Path, ids: Sequence[str]) -> int:
+def count_settled(db: Store, ids: Sequence[str]) -> int:
     """How many of ``ids`` reached a final state (read from the store itself)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        want = set(ids)
-        rows = conn.execute(
-            f"SELECT id FROM tasks WHERE state IN ({','.join('?' * len(TERMINAL))})", TERMINAL
-        )
-        return sum(1 for (tid,) in rows if tid in want)
-    finally:
-        conn.close()
+    final = ", ".join(f"'{state}'" for state in TERMINAL)
+    want = set(ids)
+    rows = store_rows(db, f"SELECT id FROM tasks WHERE state IN ({final})")
+    return sum(1 for (tid,) in rows if tid in want)
 
 
-def wait_settled(db: Path, ids: Sequence[str], timeout: float) -> float:
+def wait_settled(db: Store, ids: Sequence[str], timeout: float) -> float:
     """Wait until every id is final; returns when (``time.monotonic``). Fails after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -275,6 +275,10 @@ class SqlStore(Store):
             return await loop.run_in_executor(pool, _in_transaction, engine, fn)
         except sa.exc.DBAPIError as exc:
             raise StoreError(f"store {'write' if write else 'read'} failed: {exc.orig}") from exc
+        except OSError as exc:
+            # asyncpg's connect errors (refused, unreachable, timed out) reach us raw:
+            # SQLAlchemy wraps only what the driver raises once connected
+            raise StoreError(f"store {'write' if write else 'read'} failed: {exc}") from exc
 
     # --- submission ------------------------------------------------------------
 
