@@ -686,7 +686,7 @@ def agent(
         # discovery (the tracker module imports fastapi) only for an agent that uses it:
         # a plain ``herder agent --join`` pairs sooner without it
         if tracker is not None:
-            from herder.discovery.tracker import TrackerClient
+            from herder.discovery.tracker_client import TrackerClient
 
             client: TrackerClient | None = TrackerClient(tracker, parsed.secret)
         else:
@@ -707,7 +707,8 @@ def agent(
             loop.add_signal_handler(sig, node.stop)
         if client is None:
             return await node.run()
-        from herder.discovery.tracker import Entry, announce_loop
+        from herder.discovery.tracker import Entry
+        from herder.discovery.tracker_client import announce_loop
 
         me = Entry(kind="agent", id=config.node_id, data={"name": config.name, "slots": slots})
         try:

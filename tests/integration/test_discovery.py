@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from herder.discovery.beacon import encode_beacon
-from herder.discovery.tracker import TrackerClient
+from herder.discovery.tracker_client import TrackerClient
 from herder.security import load_or_create_secret
 from tests.helpers import db_rows, free_port, kill_tree, succeeded_attempts, wait_for
 from tests.netns import Namespace, Subnet, bridged_subnets, set_link

@@ -6,7 +6,8 @@ import asyncio
 import time
 
 from herder.coordinator.leader import Leadership, current_leader
-from herder.store.cluster import SessionLock, SoleLock, pg_dsn
+from herder.store.cluster import SoleLock, pg_dsn
+from herder.store.pg_cluster import SessionLock
 from herder.store.sql import SqlStore
 
 

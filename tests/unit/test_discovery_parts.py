@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from herder.discovery.beacon import MAX_BEACON_BYTES, BeaconVerifier, encode_beacon
-from herder.discovery.tracker import Entry, Registry, TrackerClient, TrackerError, tracker_app
+from herder.discovery.tracker import Entry, Registry, TrackerError, tracker_app
+from herder.discovery.tracker_client import TrackerClient
 
 SECRET = bytes(range(32))
 FP = bytes(32)

@@ -4,7 +4,7 @@ Several coordinators may share one PostgreSQL store. Exactly one of them
 provisions, replaces and cleans up nodes, and declares lost the nodes that
 no coordinator has heard for a while (the agents of a coordinator that
 died). Leadership is a PostgreSQL advisory lock held by a connection of the
-leader's own (:class:`herder.store.cluster.SessionLock`): when the leader
+leader's own (:class:`herder.store.pg_cluster.SessionLock`): when the leader
 dies, PostgreSQL ends its session and frees the lock, and the next
 coordinator to try (each tries every :data:`RETRY_S`) leads. A leader that
 loses its session (the database restarted, the network was cut) stops its

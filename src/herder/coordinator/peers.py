@@ -3,7 +3,7 @@
 Several coordinators may share one PostgreSQL store. Each keeps in memory
 only hints of the queue (``_ready_hint``, ``_known_ckeys``) and the clients
 watching tasks; the store holds the truth. What one coordinator commits the
-others learn by ``NOTIFY`` (:class:`herder.store.cluster.Channel`), batched:
+others learn by ``NOTIFY`` (:class:`herder.store.pg_cluster.Channel`), batched:
 one notification carries what several transactions did (how many tasks
 became ready, the constraint keys submitted, the tasks that finished, bus
 events and messages). A missed notification costs latency, not correctness:
@@ -36,7 +36,7 @@ from herder.errors import StoreError
 from herder.fleet import NodeLoad
 from herder.model import NodeRecord, NodeState, Reason, TaskState
 from herder.store.base import Final
-from herder.store.cluster import MAX_PAYLOAD, Channel, pg_dsn
+from herder.store.cluster import MAX_PAYLOAD, peer_channel
 
 if TYPE_CHECKING:
     from .service import Coordinator
@@ -56,8 +56,7 @@ class Peers:
     def __init__(self, coord: Coordinator) -> None:
         self._coord = coord
         self.id = coord.id
-        dsn = pg_dsn(coord.settings.store_url)
-        self._channel = None if dsn is None else Channel(dsn, self._received)
+        self._channel = peer_channel(coord.settings.store_url, self._received)
         self._ready = 0
         self._keys: set[str] = set()
         self._finals: list[tuple[str, str]] = []

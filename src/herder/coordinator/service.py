@@ -32,7 +32,7 @@ from herder.config import Settings
 from herder.datastore import Datastore
 from herder.discovery import DiscoveryOptions
 from herder.discovery.beacon import host_urls, run_beacon
-from herder.discovery.tracker import Entry, TrackerClient, announce_loop
+from herder.discovery.tracker import Entry
 from herder.errors import InvalidTransition, SecurityError, StoreError, SubmissionError
 from herder.fleet import Fleet, NodeLoad
 from herder.herd import Herd
@@ -322,6 +322,9 @@ class Coordinator:
             loops.append(tg.create_task(beacon, name="beacon"))
             log.info("beacon on UDP port %d for cluster %s", options.beacon_port, cluster)
         if tracker_url is not None:
+            # here, not at the top: httpx is 20 MB a coordinator without a tracker never uses
+            from herder.discovery.tracker_client import TrackerClient, announce_loop
+
             tracker = TrackerClient(tracker_url, self.secret)
 
             def entry() -> Entry:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .beacon import listen_for_beacon
-from .tracker import Entry, TrackerClient, TrackerError
+from .tracker import Entry, TrackerError
+
+if TYPE_CHECKING:
+    from .tracker_client import TrackerClient
 
 __all__ = ["DiscoveryOptions", "Found", "find_coordinator"]
 

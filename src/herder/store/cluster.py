@@ -1,11 +1,14 @@
 """What several coordinators on one PostgreSQL share besides tables: a lock and a channel.
 
-- :class:`SessionLock`: ``pg_try_advisory_lock`` held by a connection of its
-  own. PostgreSQL frees a session's advisory locks when the session ends, so
+The two live in :mod:`herder.store.pg_cluster`, loaded only for a PostgreSQL
+store (asyncpg costs a coordinator on SQLite 16 MB and its start 0.1 s):
+
+- :class:`~herder.store.pg_cluster.SessionLock`: ``pg_try_advisory_lock`` held by a
+  connection of its own. PostgreSQL frees a session's advisory locks when the session ends, so
   the holder's death (kill -9, a lost machine, a cut network) frees the lock
   with no lease to expire: the database is the arbiter, there is no
   consensus of our own.
-- :class:`Channel`: ``LISTEN``/``NOTIFY`` on a connection of its own, so a
+- :class:`~herder.store.pg_cluster.Channel`: ``LISTEN``/``NOTIFY`` on a connection of its own, so a
   coordinator learns at once what the others committed (tasks made ready,
   tasks finished, bus messages). Notifications are hints: whatever one says
   is in the tables, and a coordinator that missed one still finds it there.
@@ -16,16 +19,11 @@ has no one to tell (:class:`SoleLock`, ``Channel`` is not used).
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import asyncpg  # type: ignore[import-untyped]  # ships no stubs
-
-from herder.errors import StoreError
-
-log = logging.getLogger("herder.store")
+if TYPE_CHECKING:
+    from herder.store.pg_cluster import Channel
 
 # The reconcile leader's advisory lock key (any bigint; this one spells "herd").
 LEADER_LOCK_KEY = 0x68657264
@@ -73,105 +71,21 @@ class SoleLock:
         return None
 
 
-class SessionLock:
-    """``pg_try_advisory_lock`` on a dedicated connection that dies with its holder."""
-
-    def __init__(self, dsn: str, key: int = LEADER_LOCK_KEY) -> None:
-        self._dsn = dsn
-        self._key = key
-        self._conn: asyncpg.Connection | None = None
-
-    async def acquire_nowait(self) -> bool:
-        if self._conn is not None:
-            return await self.check()
-        try:
-            conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise StoreError(f"leader lock: cannot connect: {exc}") from exc
-        try:
-            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key))
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            await conn.close(timeout=CHECK_TIMEOUT_S)
-            raise StoreError(f"leader lock: {exc}") from exc
-        if not got:
-            await conn.close(timeout=CHECK_TIMEOUT_S)
-            return False
-        self._conn = conn
-        return True
-
-    async def check(self) -> bool:
-        conn = self._conn
-        if conn is None or conn.is_closed():
-            self._conn = None
-            return False
-        try:
-            await conn.fetchval("SELECT 1", timeout=CHECK_TIMEOUT_S)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("leader lock session lost: %s", exc)
-            conn.terminate()
-            self._conn = None
-            return False
-        return True
-
-    async def release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await conn.close(timeout=CHECK_TIMEOUT_S)
-            except (OSError, asyncpg.PostgresError, TimeoutError):
-                conn.terminate()  # closing the session is what frees the lock
-
-
 def leader_lock(store_url: str) -> LeaderLock:
     """The leader lock for a store: a PostgreSQL session lock, or SQLite's sole one."""
     dsn = pg_dsn(store_url)
-    return SoleLock() if dsn is None else SessionLock(dsn)
+    if dsn is None:
+        return SoleLock()
+    from herder.store.pg_cluster import SessionLock
+
+    return SessionLock(dsn)
 
 
-class Channel:
-    """``LISTEN``/``NOTIFY`` on :data:`CHANNEL` over one dedicated connection."""
+def peer_channel(store_url: str, on_message: Callable[[str], None]) -> Channel | None:
+    """The channel to the other coordinators of a PostgreSQL store; None on SQLite."""
+    dsn = pg_dsn(store_url)
+    if dsn is None:
+        return None
+    from herder.store.pg_cluster import Channel
 
-    def __init__(self, dsn: str, on_message: Callable[[str], None]) -> None:
-        self._dsn = dsn
-        self._on_message = on_message
-        self._conn: asyncpg.Connection | None = None
-        self._lock = asyncio.Lock()
-
-    async def open(self) -> None:
-        try:
-            self._conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
-            await self._conn.add_listener(CHANNEL, self._received)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise StoreError(f"peer channel: cannot listen: {exc}") from exc
-
-    @property
-    def is_open(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed()
-
-    def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self._on_message(payload)
-
-    async def publish(self, payloads: list[str]) -> None:
-        """Send each payload (each under :data:`MAX_PAYLOAD` bytes) in one round trip."""
-        if not payloads:
-            return
-        async with self._lock:
-            if self._conn is None or self._conn.is_closed():
-                await self.open()
-            assert self._conn is not None
-            try:
-                await self._conn.executemany(
-                    "SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in payloads]
-                )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                self._conn.terminate()
-                self._conn = None
-                raise StoreError(f"peer channel: notify failed: {exc}") from exc
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await conn.close(timeout=CHECK_TIMEOUT_S)
-            except (OSError, asyncpg.PostgresError, TimeoutError):
-                conn.terminate()
+    return Channel(dsn, on_message)

@@ -17,11 +17,13 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herder.errors import InvalidTransition, StoreError, SubmissionError
 from herder.model import (
@@ -173,6 +175,9 @@ class SqlStore(Store):
             self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="herder-store-write")
             self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="herder-store-read")
         else:
+            # here: SQLAlchemy's asyncio extension loads its ORM, which SQLite stores never use
+            from sqlalchemy.ext.asyncio import create_async_engine
+
             self._async_engine = create_async_engine(self._async_url, pool_size=8, max_overflow=8)
 
     def _open_memory(self) -> None:
