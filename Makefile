@@ -23,7 +23,7 @@ typecheck: $(BIN)/herder
 
 test: lint typecheck
 	$(BIN)/python ../shared/tools/check_layers.py src || test ! -f ../shared/tools/check_layers.py
-	$(BIN)/pytest -q -rfEs -p no:cacheprovider -n 2 --dist loadfile tests
+	$(BIN)/pytest -q -rfEs -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests
 
 # herder side by side with Dask, Ray, Celery and a process pool (installs them into
 # bench/.venv-peers); BENCH_ARGS=--quick while developing.
