@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -159,10 +160,28 @@ def run_job(clients: list[Client], tasks: int, count: Any) -> float:
     return tasks / (time.perf_counter() - t0)
 
 
+@contextmanager
+def logs_kept_on_failure(root: Path, name: str) -> Iterator[None]:
+    """On an error, copy every log under ``root`` to ``bench/artifacts/<name>`` first
+    (``root`` is a temporary directory, gone once the error has unwound)."""
+    try:
+        yield
+    except BaseException:
+        kept = HERE / "artifacts" / name
+        shutil.rmtree(kept, ignore_errors=True)
+        for log in root.rglob("*.log"):
+            target = kept / log.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(log, target)
+        print(f"{name} failed; its logs are in {kept}", file=sys.stderr, flush=True)
+        raise
+
+
 def measure(kind: str, n_coord: int, args: argparse.Namespace) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="herder-bench-") as tmp,
         store(kind, Path(tmp)) as (url, count),
+        logs_kept_on_failure(Path(tmp), f"coordinators-{kind}-{n_coord}"),
         coordinators(Path(tmp), url, n_coord) as group,
     ):
         group.start(*range(n_coord))
