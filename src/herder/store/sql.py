@@ -74,6 +74,15 @@ log = logging.getLogger("herder.store")
 
 T = TypeVar("T")
 _CHUNK = 2000  # bound on parameters in one IN (...) list
+# PostgreSQL: a prepared statement (asyncpg prepares all of them) runs on a
+# generic plan after five runs and keeps it until the table's statistics change.
+# A plan chosen while the queue was small (a sequential scan matching a 2,000-id
+# IN list row by row) stays in force at a million rows unless something runs
+# ANALYZE, and autovacuum may be off or minutes behind: filling 150,000 tasks
+# took 249 s, against 13 s with statistics kept fresh. So the store analyzes
+# the tables it grows once they have grown by a fifth since the last time.
+_ANALYZE_MIN_ROWS = 10_000
+_ANALYZE_GROWTH = 5  # analyze again once the new rows reach 1/5 of those analyzed
 _ROWS_PER_INSERT = 5000
 _TEXT = 256  # width of the name and reason columns
 _CKEY = 1024  # width of the constraint key column
@@ -121,6 +130,8 @@ class SqlStore(Store):
         # process never interleave, even if the clock steps back.
         self._last_seq = 0
         self._sql = HotStatements(is_sqlite=self.is_sqlite)
+        self._rows_analyzed = 0  # tasks this process has seen analyzed (PostgreSQL)
+        self._rows_since_analyze = 0
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -521,7 +532,29 @@ class SqlStore(Store):
                     claimed.setdefault(req.node_id, []).extend(got)
 
         await self._write(_tx)
+        if not self.is_sqlite and submissions:
+            self._rows_since_analyze += sum(
+                len(sub.specs) for sub, error in zip(submissions, errors, strict=True) if not error
+            )
+            if self._rows_since_analyze >= max(
+                _ANALYZE_MIN_ROWS, self._rows_analyzed // _ANALYZE_GROWTH
+            ):
+                await self._analyze()
         return changes, claimed, errors
+
+    async def _analyze(self) -> None:
+        """Refresh PostgreSQL's statistics of the tables submissions grow, which
+        also makes every session re-plan its prepared statements (see
+        ``_ANALYZE_MIN_ROWS``). The turn that triggers it has committed already,
+        so a failure here is reported, not raised: it would make the caller
+        retry work that is stored."""
+        try:
+            await self._write(lambda conn: conn.execute(sa.text("ANALYZE tasks, deps, attempts")))
+        except StoreError as exc:
+            log.warning("could not refresh the planner's statistics: %s", exc)
+            return
+        self._rows_analyzed += self._rows_since_analyze
+        self._rows_since_analyze = 0
 
     def _claim(self, conn: Connection, req: ClaimRequest, now: float) -> list[Claimed]:
         if req.limit <= 0 or not req.constraint_keys:
