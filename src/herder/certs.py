@@ -23,9 +23,7 @@ mutual TLS on, so that REST clients and browsers without one still connect.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
-import os
 import re
 import secrets
 import ssl
@@ -35,11 +33,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from herder import security
 from herder.errors import SecurityError
 
 __all__ = [
@@ -54,7 +53,6 @@ __all__ = [
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -84,27 +82,7 @@ def write_ca(directory: Path, name: str = "herder CA") -> tuple[Path, Path]:
     if cert_path.exists():
         _load_pair(cert_path, key_path)
         return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {secrets.token_hex(4)}"),
-        ]
-    )
-    now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = security.build_ca(f"{name} {secrets.token_hex(4)}", days=CA_DAYS)
     _write_pair(cert_path, key_path, cert, key)
     return cert_path, key_path
 
@@ -153,52 +131,12 @@ def _issue(
     ca_cert, ca_key = _load_pair(directory / "ca.pem", directory / "ca.key")
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise SecurityError(f"{directory / 'ca.key'} is not an EC key (herder certs makes one)")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    cert, key = security.build_leaf(
+        ca_cert, ca_key, common_name=common_name, usages=usages, names=names, days=LEAF_DAYS
     )
     cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
     _write_pair(cert_path, key_path, cert, key)
     return cert_path, key_path
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def _general_name(host: str) -> x509.GeneralName:
@@ -312,23 +250,5 @@ def _write_pair(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(key_path, pem_key, 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """A private temporary file renamed over ``path``: never a torn or readable key."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
+    security.write_atomic(key_path, pem_key, 0o600)
+    security.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)

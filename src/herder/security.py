@@ -619,6 +619,92 @@ def fetch_pinned_ca(url: str, fingerprint: bytes, timeout: float = 10.0) -> byte
     return body
 
 
+def build_ca(common_name: str, *, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new self-signed CA (P-256) that may sign leaves but no further CAs.
+
+    Shared by the CA a coordinator makes for itself and by ``herder certs``.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def build_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    common_name: str,
+    usages: list[x509.ObjectIdentifier],
+    names: list[x509.GeneralName],
+    days: int,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new key (P-256) and its certificate signed by ``ca_cert``, for ``names``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs; a leaf signs its handshakes, nothing else."""
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def _ensure_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """Load the CA, or create it if (and only if) ``ca.pem`` does not exist."""
     if files.ca_cert.exists():
@@ -635,45 +721,10 @@ def _ensure_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePriva
                 f"CA key {files.ca_key} does not belong to {files.ca_cert}", path=files.ca_key
             )
         return ca_cert, ca_key
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"herder CA {secrets.token_hex(4)}"),
-        ]
-    )
-    now = _now()
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=_CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_cert, ca_key = build_ca(f"herder CA {secrets.token_hex(4)}", days=_CA_DAYS)
     # Key first: a crash in between leaves no ca.pem, so the next start simply retries.
-    _write_atomic(files.ca_key, _private_pem(ca_key), 0o600)
-    _write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(files.ca_key, _private_pem(ca_key), 0o600)
+    write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return ca_cert, ca_key
 
 
@@ -726,57 +777,18 @@ def _write_leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     names: list[x509.GeneralName],
 ) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, "herder node"),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=_LEAF_DAYS))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    cert, key = build_leaf(
+        ca_cert,
+        ca_key,
+        common_name="herder node",
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        names=names,
+        days=_LEAF_DAYS,
     )
     # Key first: a crash in between leaves a key that does not match cert.pem,
     # which _leaf_fits notices, so the next start issues a fresh pair.
-    _write_atomic(files.key, _private_pem(key), 0o600)
-    _write_atomic(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(files.key, _private_pem(key), 0o600)
+    write_atomic(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _first_certificate(pem: bytes, path: Path | None = None) -> x509.Certificate:
@@ -834,8 +846,9 @@ def _check_private_mode(path: Path, mode: int) -> None:
         )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write a private temporary file, then rename it over ``path``: never a torn file."""
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write a private temporary file, then rename it over ``path``: never a torn
+    file, and never a key readable by others for a moment."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
     try:
