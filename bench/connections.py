@@ -3,12 +3,13 @@ clients open, against the same requests on a quiet coordinator, in one run.
 
 A coordinator with no agents. Quiet: sequential authenticated ``GET /v1/status``
 (a fresh TLS connection each, as a new client would make), at least
-``--requests`` and for as long as the siege's window; p50 and p99. Siege: 1,000 TLS connections that send nothing (from 127.0.0.2 to
-127.0.0.5, 250 each: every loopback address is a different source, and one
-source may hold 512) plus 50 slowloris clients that send a header line a
-second and never finish (from 127.0.0.6); once all are connected, the same
-requests from 127.0.0.1, for longer than the headers deadline, so that the
-window holds the slowloris clients being cut off and connecting again.
+``--requests`` and for as long as the siege's window; p50 and p99. Siege:
+1,000 TLS connections that send nothing (from 127.0.0.2 to 127.0.0.5, 250
+each: every loopback address is a different source, and one source may hold
+512) plus 50 slowloris clients that send a header line a second and never
+finish (from 127.0.0.6); once all are connected, the same requests from
+127.0.0.1, for longer than the headers deadline, so that the window holds the
+slowloris clients being cut off and connecting again.
 The figure is the ratio of the two p99s (target: at most 2).
 Writes ``bench/results-connections.json``. Run: ``.venv/bin/python bench/connections.py``.
 """
