@@ -3,7 +3,8 @@ clients open, against the same requests on a quiet coordinator, in one run.
 
 A coordinator with no agents. Quiet: sequential authenticated ``GET /v1/status``
 (a fresh TLS connection each, as a new client would make), at least
-``--requests`` and for as long as the siege's window; p50 and p99. Siege:
+``--requests`` before the siege and as many after it, for as long as the
+siege's window in all; p50 and p99. Siege:
 1,000 TLS connections that send nothing (from 127.0.0.2 to 127.0.0.5, 250
 each: every loopback address is a different source, and one source may hold
 512) plus 50 slowloris clients that send a header line a second and never
@@ -40,11 +41,22 @@ HERE = Path(__file__).parent
 console = Console()
 
 
-def tls(url: str, source: str) -> ssl.SSLSocket:
-    host, port = url.split("://", 1)[1].rsplit(":", 1)
-    context = ssl.create_default_context()
+def attacker_context() -> ssl.SSLContext:
+    """One client context for all of the attack's connections, made once.
+
+    ``ssl.create_default_context()`` loads the system's CA store: 28 ms of CPU
+    here. Made per connection, the slowloris clients' reconnects after their
+    cut-off spent a core of this 2-core machine, which the figure then billed
+    to the coordinator. A remote attacker's CPU is not ours.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def tls(url: str, source: str, context: ssl.SSLContext) -> ssl.SSLSocket:
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
     raw = socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0))
     return context.wrap_socket(raw, server_hostname=host)
 
@@ -64,13 +76,19 @@ def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
 
 
-def drip(url: str, stop: threading.Event, cut: list[int], dripping: threading.Semaphore) -> None:
+def drip(
+    url: str,
+    context: ssl.SSLContext,
+    stop: threading.Event,
+    cut: list[int],
+    dripping: threading.Semaphore,
+) -> None:
     """A slowloris client: a header line a second, never the blank line; again when cut.
     ``dripping`` is released once its first connection sends."""
     first = True
     while not stop.is_set():
         try:
-            sock = tls(url, "127.0.0.6")
+            sock = tls(url, "127.0.0.6", context)
             sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             if first:
                 first = False
@@ -86,12 +104,13 @@ def siege_from_elsewhere(
 ) -> None:
     """The attack, in a process of its own: idle connections and slowloris clients."""
     sources = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
-    sockets = [tls(url, sources[i % len(sources)]) for i in range(idle)]
+    context = attacker_context()
+    sockets = [tls(url, sources[i % len(sources)], context) for i in range(idle)]
     cuts: list[int] = []
     halt = threading.Event()
     dripping = threading.Semaphore(0)
     drippers = [
-        threading.Thread(target=drip, args=(url, halt, cuts, dripping), daemon=True)
+        threading.Thread(target=drip, args=(url, context, halt, cuts, dripping), daemon=True)
         for _ in range(slowloris)
     ]
     for t in drippers:
@@ -123,7 +142,8 @@ def main() -> None:
             timings(herd.url, headers, 20)  # warm up
             # as long a window as the siege's: a p99 over 300 requests is their 3rd
             # slowest, and a short window misses the coordinator's own periodic work
-            quiet = timings(herd.url, headers, args.requests, at_least_s=HEADERS_S + 5)
+            window = HEADERS_S + 5
+            quiet = timings(herd.url, headers, args.requests, at_least_s=window / 2)
             ready, stop = multiprocessing.Event(), multiprocessing.Event()
             cut = multiprocessing.Value("i", 0)
             open_at_end = multiprocessing.Value("i", 0)
@@ -134,9 +154,13 @@ def main() -> None:
             attackers.start()  # its own process: the attack does not slow our own requests
             ready.wait(120)  # 1,000 TLS handshakes, then the slowloris clients begin
             # past the headers deadline: the slowloris clients are cut off meanwhile
-            siege = timings(herd.url, headers, args.requests, at_least_s=HEADERS_S + 5)
+            siege = timings(herd.url, headers, args.requests, at_least_s=window)
             stop.set()
             attackers.join(30)
+            time.sleep(1.0)  # its 1,050 closes are handled, not billed to the baseline
+            # the other half of the baseline after the siege: a slower spell of a
+            # shared host then weighs on both sides, not on the siege alone
+            quiet += timings(herd.url, headers, args.requests, at_least_s=window / 2)
         finally:
             herd.stop()
     results = {
