@@ -245,10 +245,5 @@ def _write_pair(
     cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
 ) -> None:
     # key first: a crash in between leaves a key with no certificate, never the reverse
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    security.write_atomic(key_path, pem_key, 0o600)
+    security.write_atomic(key_path, security.private_pem(key), 0o600)
     security.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)

@@ -723,7 +723,7 @@ def _ensure_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePriva
         return ca_cert, ca_key
     ca_cert, ca_key = build_ca(f"herder CA {secrets.token_hex(4)}", days=_CA_DAYS)
     # Key first: a crash in between leaves no ca.pem, so the next start simply retries.
-    write_atomic(files.ca_key, _private_pem(ca_key), 0o600)
+    write_atomic(files.ca_key, private_pem(ca_key), 0o600)
     write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return ca_cert, ca_key
 
@@ -787,7 +787,7 @@ def _write_leaf(
     )
     # Key first: a crash in between leaves a key that does not match cert.pem,
     # which _leaf_fits notices, so the next start issues a fresh pair.
-    write_atomic(files.key, _private_pem(key), 0o600)
+    write_atomic(files.key, private_pem(key), 0o600)
     write_atomic(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
@@ -810,7 +810,8 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (the file itself is kept 0600)."""
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
