@@ -922,84 +922,88 @@ class Coordinator:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch: list[tuple[AgentSession, list[protocol.ResultItem]]] = []
-            while not self._results.empty():
-                batch.append(self._results.get_nowait())
-            started, self._started = self._started, []
-            released, self._released = self._released, []
-            submissions, self._submissions = self._submissions, []
-            if submissions:
-                self._ready_hint += sum(len(sub.specs) for sub, _ in submissions)
-            finishing: dict[str, int] = {}
-            for session, its in batch:
-                finishing[session.node_id] = finishing.get(session.node_id, 0) + sum(
-                    1 for i in its if i.lease_id in session.outstanding
-                )
-            requests = self._claim_requests(finishing)
-            items = [_task_result(i) for _, its in batch for i in its]
-            if not (items or started or released or requests or submissions):
-                continue
-            commit_started = time.perf_counter()
-            self._committing = True
-            try:
-                changes, claimed, errors = await self.store.cycle(
-                    submissions=[sub for sub, _ in submissions],
-                    started=started,
-                    released=released,
-                    results=items,
-                    claims=requests,
-                    now=time.time(),
-                )
-            except StoreError as exc:
-                log.error("store unavailable: %s", exc)
-                self._store_down = (time.monotonic() + 1.0, exc)
-                self._requeue_turn(batch, started, released, submissions, exc)
-                await asyncio.sleep(0.5)
-                continue
-            finally:
-                self._committing = False
-            self._store_down = None
-            self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
-            self.metrics.observe_results(
-                [
-                    (i.state.value, i.ended_at - i.started_at)
-                    for i in items
-                    if i.ended_at is not None and i.started_at is not None
-                ]
+            await self._engine_turn()
+
+    async def _engine_turn(self) -> None:
+        """One turn of the engine. A call of its own, so that nothing of this
+        turn (a 10,000-task submission is ~20 MB of objects) outlives it while
+        the engine waits for the next."""
+        batch: list[tuple[AgentSession, list[protocol.ResultItem]]] = []
+        while not self._results.empty():
+            batch.append(self._results.get_nowait())
+        started, self._started = self._started, []
+        released, self._released = self._released, []
+        submissions, self._submissions = self._submissions, []
+        if submissions:
+            self._ready_hint += sum(len(sub.specs) for sub, _ in submissions)
+        finishing: dict[str, int] = {}
+        for session, its in batch:
+            finishing[session.node_id] = finishing.get(session.node_id, 0) + sum(
+                1 for i in its if i.lease_id in session.outstanding
             )
-            for (sub, done), error in zip(submissions, errors, strict=True):
-                # a request cancelled meanwhile has nobody to tell; the outcome stands
-                if error is None:
-                    if not done.done():
-                        done.set_result(None)
-                    self.peers.note(
-                        ready=len(sub.specs), ckeys={s.constraint_key() for s in sub.specs}
-                    )
-                else:
-                    self._ready_hint -= len(sub.specs)
-                    if not done.done():
-                        done.set_exception(error)
-            outbox: dict[AgentSession, list[protocol._Msg]] = {}
-            self._ack(batch, changes, outbox)
-            if any(session.holding for session, _ in batch):
-                self._wake.set()  # resources its results freed: claim for them next turn
-            self._apply(changes)
-            for req in requests:
-                got = claimed.get(req.node_id, [])
-                self._ready_hint = max(0, self._ready_hint - len(got))
-                if not got and len(req.constraint_keys) == len(self._known_ckeys):
-                    self._ready_hint = 0  # this agent could take anything: nothing is ready
-                if len(got) == req.limit:
-                    self._wake.set()
-                agent = self.agents.get(req.node_id)
-                if got and (agent is None or agent.draining or agent.closed):
-                    # it left (or said goodbye) during this turn: it never sees these
-                    self._released.extend((c.task_id, c.lease_id) for c in got)
-                    self._wake.set()
-                elif got and agent is not None:
-                    outbox.setdefault(agent, []).append(self._assign(agent, got))
-            for session, messages in outbox.items():  # one frame per agent per turn
-                self._spawn(session.send(*messages))
+        requests = self._claim_requests(finishing)
+        items = [_task_result(i) for _, its in batch for i in its]
+        if not (items or started or released or requests or submissions):
+            return
+        commit_started = time.perf_counter()
+        self._committing = True
+        try:
+            changes, claimed, errors = await self.store.cycle(
+                submissions=[sub for sub, _ in submissions],
+                started=started,
+                released=released,
+                results=items,
+                claims=requests,
+                now=time.time(),
+            )
+        except StoreError as exc:
+            log.error("store unavailable: %s", exc)
+            self._store_down = (time.monotonic() + 1.0, exc)
+            self._requeue_turn(batch, started, released, submissions, exc)
+            await asyncio.sleep(0.5)
+            return
+        finally:
+            self._committing = False
+        self._store_down = None
+        self.metrics.commit_latency.observe(time.perf_counter() - commit_started)
+        self.metrics.observe_results(
+            [
+                (i.state.value, i.ended_at - i.started_at)
+                for i in items
+                if i.ended_at is not None and i.started_at is not None
+            ]
+        )
+        for (sub, done), error in zip(submissions, errors, strict=True):
+            # a request cancelled meanwhile has nobody to tell; the outcome stands
+            if error is None:
+                if not done.done():
+                    done.set_result(None)
+                self.peers.note(ready=len(sub.specs), ckeys={s.constraint_key() for s in sub.specs})
+            else:
+                self._ready_hint -= len(sub.specs)
+                if not done.done():
+                    done.set_exception(error)
+        outbox: dict[AgentSession, list[protocol._Msg]] = {}
+        self._ack(batch, changes, outbox)
+        if any(session.holding for session, _ in batch):
+            self._wake.set()  # resources its results freed: claim for them next turn
+        self._apply(changes)
+        for req in requests:
+            got = claimed.get(req.node_id, [])
+            self._ready_hint = max(0, self._ready_hint - len(got))
+            if not got and len(req.constraint_keys) == len(self._known_ckeys):
+                self._ready_hint = 0  # this agent could take anything: nothing is ready
+            if len(got) == req.limit:
+                self._wake.set()
+            agent = self.agents.get(req.node_id)
+            if got and (agent is None or agent.draining or agent.closed):
+                # it left (or said goodbye) during this turn: it never sees these
+                self._released.extend((c.task_id, c.lease_id) for c in got)
+                self._wake.set()
+            elif got and agent is not None:
+                outbox.setdefault(agent, []).append(self._assign(agent, got))
+        for session, messages in outbox.items():  # one frame per agent per turn
+            self._spawn(session.send(*messages))
 
     def _requeue_turn(
         self,
