@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from herder.dataclient import DataClient
 from herder.errors import DatastoreError, ReleaseError
 from herder.releases.cache import Hold, Installed, ReleaseCache
 from herder.releases.manifest import Manifest, bundle_key, manifest_key
@@ -110,6 +109,8 @@ class Environments:
         return await asyncio.to_thread(self._install_blocking, release_id, data)
 
     def _install_blocking(self, release_id: str, data: dict[str, Any]) -> Installed:
+        from herder.dataclient import DataClient  # httpx: only for an agent that installs
+
         with DataClient(data["url"], data["bearer"], data["ca_pem"]) as client:
             try:
                 manifest = Manifest.model_validate_json(client.cat(manifest_key(release_id)))

@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from herder import protocol
 from herder.model import ServiceSpec
 
@@ -83,6 +81,8 @@ class HealthCheck:
     async def _get(self, url: str) -> str | None:
         # No proxy from the environment: the URL is on or near the node, and a
         # proxy would answer for it (or refuse it) instead of the service.
+        import httpx  # only services with an HTTP check pay for it
+
         try:
             async with httpx.AsyncClient(
                 trust_env=False, timeout=self.spec.health_timeout_s, follow_redirects=True

@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from herder.dataclient import DataClient
 from herder.errors import DatastoreError, DatastoreFull, DatastoreUnavailable, ObjectMissing
 from herder.model import CommandSpec, FetchSpec, Limits
+
+if TYPE_CHECKING:  # httpx loads when a task first fetches or uploads, not at every start
+    from herder.dataclient import DataClient
 
 TAIL_BYTES = 4096
 TAIL_EVERY_S = 0.5  # how often a running command's new output is streamed
@@ -190,6 +190,8 @@ def _fetch(spec: FetchSpec, work: Path, ctx: PhaseContext) -> None:
 
 
 def _download(url: str, target: Path) -> None:
+    import httpx
+
     tmp = target.with_name(f".{target.name}.part")
     try:
         with (
