@@ -8,33 +8,27 @@ import subprocess
 import sys
 
 NOT_AT_START = ("alembic", "asyncpg", "httpx", "sqlalchemy.orm")
+AGENT_NOT_AT_START = ("httpx", "herder.dataclient", "sqlalchemy", "fastapi")
 
 
-def test_the_coordinators_modules_leave_the_optional_ones_unloaded() -> None:
+def _loaded_after(imports: str, modules: tuple[str, ...]) -> str:
+    """Which of ``modules`` a fresh interpreter has loaded after ``import <imports>``."""
     probe = (
-        "import sys\n"
-        "import herder.coordinator.app, herder.coordinator.service, herder.store.sql\n"
-        f"print(sorted(m for m in {NOT_AT_START!r} if m in sys.modules))\n"
+        f"import sys\nimport {imports}\nprint(sorted(m for m in {modules!r} if m in sys.modules))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
-    assert done.stdout.strip() == "[]", done.stdout
+    return done.stdout.strip()
 
 
-AGENT_NOT_AT_START = ("httpx", "herder.dataclient", "sqlalchemy", "fastapi")
+def test_the_coordinators_modules_leave_the_optional_ones_unloaded() -> None:
+    imports = "herder.coordinator.app, herder.coordinator.service, herder.store.sql"
+    assert _loaded_after(imports, NOT_AT_START) == "[]"
 
 
 def test_an_agent_starts_without_httpx() -> None:
     """``herder agent`` (the CLI and the agent's modules) leaves httpx for the first
     task that fetches, uploads or checks a service's health over HTTP: every local
     agent of a cold start paid ~70 ms for it."""
-    probe = (
-        "import sys\n"
-        "import herder.cli, herder.agent.agent\n"
-        f"print(sorted(m for m in {AGENT_NOT_AT_START!r} if m in sys.modules))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.strip() == "[]", done.stdout
+    assert _loaded_after("herder.cli, herder.agent.agent", AGENT_NOT_AT_START) == "[]"
