@@ -124,6 +124,9 @@ class SqlStore(Store):
         self._schema_ok = False  # open() found (or made) the schema this code knows
         self._write_thread: ThreadPoolExecutor | None = None
         self._read_threads: ThreadPoolExecutor | None = None
+        # (monotonic time, error) of SQLite's last failed write; set and read
+        # only on the one write thread
+        self._write_failed: tuple[float, sa.exc.OperationalError] | None = None
         self._jobs_started: set[str] = set()  # jobs whose started_at is known to be set
         # Task order ("oldest first") follows ``seq``: wall-clock nanoseconds,
         # kept strictly increasing here so that batches committed by this
@@ -288,6 +291,9 @@ class SqlStore(Store):
             if engine is None or pool is None:
                 raise StoreError("the store is not open")
             loop = asyncio.get_running_loop()
+            if write:
+                queued_at = time.monotonic()
+                return await loop.run_in_executor(pool, self._write_queued, engine, fn, queued_at)
             return await loop.run_in_executor(pool, _in_transaction, engine, fn)
         except sa.exc.DBAPIError as exc:
             raise StoreError(f"store {'write' if write else 'read'} failed: {exc.orig}") from exc
@@ -295,6 +301,27 @@ class SqlStore(Store):
             # asyncpg's connect errors (refused, unreachable, timed out) reach us raw:
             # SQLAlchemy wraps only what the driver raises once connected
             raise StoreError(f"store {'write' if write else 'read'} failed: {exc}") from exc
+
+    def _write_queued(
+        self, engine: sa.Engine, fn: Callable[[Connection], T], queued_at: float
+    ) -> T:
+        """Run a SQLite write on the write thread, unless one failed while it waited.
+
+        Writes queue on the one write thread. With the database locked by
+        another process, each would wait out the busy timeout in turn: a
+        submission queued behind the presence write waited 10 s for that one to
+        fail and then 10 s more for its own. A write that was queued before
+        the last failure fails at once instead, with its error, so that none
+        waits longer than one busy timeout.
+        """
+        failed = self._write_failed
+        if failed is not None and failed[0] >= queued_at:
+            raise StoreError(f"store write failed: {failed[1].orig} (a write queued before failed)")
+        try:
+            return _in_transaction(engine, fn)
+        except sa.exc.OperationalError as exc:  # locked, I/O error, disk full: the store's
+            self._write_failed = (time.monotonic(), exc)
+            raise
 
     # --- submission ------------------------------------------------------------
 
