@@ -23,6 +23,8 @@ from typing import IO, Any
 from herder.client import Client
 from herder.errors import HerderError
 
+LOG_TAIL_LINES = 20
+
 
 class LocalHerd:
     """``with LocalHerd(nodes=4) as herd: herd.submit(pow, 2, 10).result()``.
@@ -84,15 +86,31 @@ class LocalHerd:
                 self._args, env=self._env, stdout=out, stderr=out, start_new_session=True
             )
         self.url = self.wait_coordinator(self._ready_timeout)
-        self.client = Client(env=self._env)
+        try:
+            self.client = Client(env=self._env)
+        except HerderError as exc:  # it recorded its URL, then stopped: say why
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5)
+            raise HerderError(f"{exc}{self._exit_report()}") from exc
         return self.client
+
+    def _exit_report(self) -> str:
+        """How ``herder up`` ended, with the end of its log (a failure names its cause there)."""
+        if self.process is None or self.process.poll() is None:
+            return ""
+        try:
+            lines = (self.home / "coordinator.log").read_text(errors="replace").splitlines()
+        except OSError as exc:
+            lines = [f"(no log: {exc})"]
+        tail = "\n".join(lines[-LOG_TAIL_LINES:])
+        return f"\nherder up exited with code {self.process.returncode}; its log ends:\n{tail}"
 
     def wait_coordinator(self, timeout: float) -> str:
         """Wait until the coordinator recorded its URL; returns it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise HerderError(f"herder up exited with code {self.process.returncode}")
+                raise HerderError(f"the coordinator did not start{self._exit_report()}")
             with contextlib.suppress(OSError, ValueError, KeyError):
                 state = json.loads(self.state_path.read_text())
                 if self.process is None or state["pid"] == self.process.pid:
