@@ -124,9 +124,10 @@ class SqlStore(Store):
         self._schema_ok = False  # open() found (or made) the schema this code knows
         self._write_thread: ThreadPoolExecutor | None = None
         self._read_threads: ThreadPoolExecutor | None = None
-        # (monotonic time, error) of SQLite's last failed write; set and read
-        # only on the one write thread
-        self._write_failed: tuple[float, sa.exc.OperationalError] | None = None
+        # (monotonic time, message) of SQLite's last failed write; set and read
+        # only on the one write thread. The message, not the exception: its
+        # traceback would keep the failed transaction's batch alive.
+        self._write_failed: tuple[float, str] | None = None
         self._jobs_started: set[str] = set()  # jobs whose started_at is known to be set
         # Task order ("oldest first") follows ``seq``: wall-clock nanoseconds,
         # kept strictly increasing here so that batches committed by this
@@ -316,11 +317,11 @@ class SqlStore(Store):
         """
         failed = self._write_failed
         if failed is not None and failed[0] >= queued_at:
-            raise StoreError(f"store write failed: {failed[1].orig} (a write queued before failed)")
+            raise StoreError(f"store write failed: {failed[1]} (a write queued before failed)")
         try:
             return _in_transaction(engine, fn)
         except sa.exc.OperationalError as exc:  # locked, I/O error, disk full: the store's
-            self._write_failed = (time.monotonic(), exc)
+            self._write_failed = (time.monotonic(), str(exc.orig))
             raise
 
     # --- submission ------------------------------------------------------------
