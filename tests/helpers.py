@@ -63,15 +63,20 @@ def kill_tree(pid: int) -> None:
             proc.kill()
 
 
-def agent_pids(home: Path) -> list[int]:
-    """Pids of agents started for this herd home (by the local provider)."""
+def recorded_agents(home: Path) -> dict[str, int]:
+    """Node id: pid of the agents the local provider recorded in this herd home."""
     import json
 
     try:
-        recorded: dict[str, int] = json.loads((home / "local-agents.json").read_text())
+        recorded = json.loads((home / "local-agents.json").read_text())
     except (OSError, ValueError):
-        return []
-    return [pid for pid in recorded.values() if psutil.pid_exists(pid)]
+        return {}
+    return {node: entry["pid"] for node, entry in recorded.items()}
+
+
+def agent_pids(home: Path) -> list[int]:
+    """Pids of agents started for this herd home (by the local provider)."""
+    return [pid for pid in recorded_agents(home).values() if psutil.pid_exists(pid)]
 
 
 def herder(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -39,6 +39,7 @@ from herder.cli_db import db_app
 from herder.cli_query import register_query_commands
 from herder.cli_release import release_app
 from herder.errors import HerderError
+from herder.providers.forks import ForkServer
 
 app = typer.Typer(
     name="herder",
@@ -241,6 +242,10 @@ def up(
     ] = False,
 ) -> None:
     """Run a coordinator in the foreground (SIGTERM, `herder down`, --stop-file: a clean stop)."""
+    # local agents log as this coordinator does
+    agent_env = {**os.environ, "HERDER_LOG_FORMAT": log_format}
+    # first: the agents' fork server imports on the other core while this process does
+    forks = _start_fork_server(agent_env) if local and herd is None else None
     from herder.config import load_settings
     from herder.coordinator.service import Coordinator
     from herder.discovery import DiscoveryOptions
@@ -264,12 +269,10 @@ def up(
     if herd is not None and local:
         raise _fail("give either --herd or --local, not both")
     try:
-        # local agents log as this coordinator does
-        agent_env = {**os.environ, "HERDER_LOG_FORMAT": log_format}
         policy = (
             load_herd(herd)
             if herd
-            else local_herd(local, slots=slots, idle_s=idle_exit, env=agent_env)
+            else local_herd(local, slots=slots, idle_s=idle_exit, env=agent_env, forks=forks)
         )
     except HerderError as exc:
         raise _fail(str(exc)) from exc
@@ -301,6 +304,16 @@ def up(
         raise _fail(str(exc)) from exc
     except OSError as exc:
         raise _fail(f"cannot start the coordinator: {exc}") from exc
+
+
+def _start_fork_server(env: dict[str, str]) -> ForkServer | None:
+    """The fork server local agents start from (``herder.forkserver``); None if it
+    cannot start, and agents start as new processes instead."""
+    try:
+        return ForkServer.start(env)
+    except OSError as exc:
+        logging.getLogger("herder.coordinator").warning("no fork server for local agents: %s", exc)
+        return None
 
 
 async def _stop_when_gone(pid: int, stop: Any) -> None:

@@ -36,6 +36,7 @@ from herder.providers.base import Provider
 
 if TYPE_CHECKING:
     from herder.fleet import Fleet
+    from herder.providers.forks import ForkServer
 
 
 class Herd:
@@ -145,15 +146,20 @@ def load_herd(spec: str) -> Herd:
 
 
 def local_herd(
-    nodes: int, *, slots: int = 1, idle_s: float | None = None, env: dict[str, str] | None = None
+    nodes: int,
+    *,
+    slots: int = 1,
+    idle_s: float | None = None,
+    env: dict[str, str] | None = None,
+    forks: ForkServer | None = None,
 ) -> Herd:
     """``herder up --local N``: N local agents kept running; with ``idle_s``
     (``--idle-exit``) N is a ceiling, idle agents are drained and new ones
-    start when tasks wait."""
+    start when tasks wait. ``forks``: the fork server that starts them."""
     from herder.providers.local import LocalProvider
 
     herd = Herd()
-    herd._provider = LocalProvider(env=env) if nodes else None
+    herd._provider = LocalProvider(env=env, forks=forks) if nodes else None
     herd.max_nodes = nodes
     herd.slots = slots
     herd.boot_timeout_s = 60.0

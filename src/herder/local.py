@@ -18,10 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from herder.client import Client
 from herder.errors import HerderError
+
+if TYPE_CHECKING:
+    from herder.client import Client
 
 LOG_TAIL_LINES = 20
 
@@ -85,6 +87,9 @@ class LocalHerd:
             self.process = subprocess.Popen(
                 self._args, env=self._env, stdout=out, stderr=out, start_new_session=True
             )
+        # imported now, not with this module: while the coordinator starts on another core
+        from herder.client import Client
+
         self.url = self.wait_coordinator(self._ready_timeout)
         try:
             self.client = Client(env=self._env)

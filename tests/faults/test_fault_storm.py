@@ -9,7 +9,6 @@ agent's running task took to run elsewhere (case 2's requeue latency).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -33,7 +32,7 @@ from tests.faults.fault_suite import (
     submit,
     wait_settled,
 )
-from tests.helpers import agent_pids
+from tests.helpers import agent_pids, recorded_agents
 
 # One step of a task's length: at full size a task runs 0.1 to 0.4 s, so that 10,000 of
 # them on 32 slots take over a minute and the storm (a kill every 5 s) lands a dozen kills.
@@ -61,7 +60,7 @@ def workload(seed: int, n: int, batch: int) -> list[list[TaskSpec]]:
 
 def node_pids(home: Path) -> list[tuple[str, int]]:
     """(node id, pid) of the live local agents, in a stable order."""
-    recorded = json.loads((home / "local-agents.json").read_text())
+    recorded = recorded_agents(home)
     alive = set(agent_pids(home))
     return sorted((node, pid) for node, pid in recorded.items() if pid in alive)
 

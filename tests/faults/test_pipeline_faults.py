@@ -6,7 +6,6 @@ upload, and a whole fan-out/fan-in pipeline over S3 (moto in server mode).
 
 from __future__ import annotations
 
-import json
 import os
 import textwrap
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from herder.local import LocalHerd
-from tests.helpers import agent_pids, herder, kill_tree, tmpfs, wait_for
+from tests.helpers import agent_pids, herder, kill_tree, recorded_agents, tmpfs, wait_for
 from tests.integration.test_pipeline import push, task_named, wait_job
 
 MiB = 1 << 20
@@ -100,8 +99,7 @@ def test_killing_the_agent_mid_upload_leaves_no_partial_object(tmp_path: Path) -
         wait_for(uploading, 60, "the upload to be under way", every=0.01)
         assert herd.client is not None
         node = task_named(herd, job, "big-output")["task"]["node_id"]
-        registry: dict[str, int] = json.loads((herd.home / "local-agents.json").read_text())
-        kill_tree(registry[node])
+        kill_tree(recorded_agents(herd.home)[node])
         assert not herd.client.data.exists(key)  # never a partial object under the key
         wait_job(herd, job, timeout=120)
         detail = task_named(herd, job, "big-output")

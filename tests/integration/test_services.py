@@ -22,7 +22,7 @@ import pytest
 
 import herder
 from herder.local import LocalHerd
-from tests.helpers import agent_pids, db_rows, free_port, kill_tree, wait_for
+from tests.helpers import agent_pids, db_rows, free_port, kill_tree, recorded_agents, wait_for
 from tests.helpers import herder as run_cli
 
 KEEP_RUNNING = "echo $$ > {pidfile}; exec sleep 600"
@@ -284,8 +284,7 @@ def test_replicas_in_a_tasks_file_run_as_separate_services(
 
 
 def agent_of(local: LocalHerd, node_id: str) -> int:
-    recorded: dict[str, int] = json.loads((local.home / "local-agents.json").read_text())
-    return recorded[node_id]
+    return recorded_agents(local.home)[node_id]
 
 
 def test_kill_9_of_its_agent_moves_a_service_to_the_other_node(
