@@ -144,18 +144,6 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def compile_herder() -> None:
-    """Byte-compile herder's sources, as installing a wheel would.
-
-    herder is installed editable here; with PYTHONDONTWRITEBYTECODE set (it
-    is on this machine) each fresh process (client, coordinator, agents)
-    compiled all of herder again, while the peers' packages were compiled
-    when pip installed them, and D paid for it.
-    """
-    source = Path(herder.__file__).parent
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(source)], check=True)
-
-
 def run_system(system: str, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
     """One run of one system's workloads in a subprocess: its figures, or its error."""
     env = child_env()
@@ -354,7 +342,7 @@ HOW = [
     "of chords; the process pool has no dependencies, so its caller waits per group).",
     "- D: from spawning a fresh Python process to its first result: imports, starting the "
     "cluster (herder: coordinator and 2 agents; Celery: 2 workers, Redis already up), one "
-    "no-op. Every system's code is byte-compiled beforehand (herder's by `compileall`: it is "
+    "no-op. Every system's code is byte-compiled beforehand (herder's by `make bench`: it is "
     "installed editable; the peers' by pip).",
     "- E: peak RSS, sampled every 50 ms, of what holds the queue while 100,000 no-ops wait "
     "with no worker: herder's coordinator, Dask's scheduler (its own process), Ray's driver "
@@ -403,7 +391,6 @@ def main() -> int:
     if set(systems) - {"herder"}:
         versions |= ensure_peers_venv()
     versions["redis-server"] = redis_version()
-    compile_herder()
     log_dir = HERE / "artifacts" / "compare"
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)

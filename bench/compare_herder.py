@@ -1,9 +1,9 @@
 """herder's side of ``bench/compare.py``: workloads A-G on 2 local agents x 1 slot.
 
 Run by ``compare.py`` in herder's venv, one process per repeat; prints one
-``RESULT {json}`` line. ``cold`` is the child of workload D (a fresh
-process: start a herd, first result, stop). Progress goes to stderr, the
-coordinators' logs to ``--log``.
+``RESULT {json}`` line. The child of workload D (a fresh process: start a
+herd, first result, stop) is ``compare_herder_cold.py``. Progress goes to
+stderr, the coordinators' logs to ``--log``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import IO, Any
 import cloudpickle
 import psutil
 from compare_common import (
-    FIRST_RESULT,
     HERE,
     PeakRSS,
     Sizes,
@@ -193,33 +192,19 @@ asyncio.run(simulate(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), telemetr
 """
 
 
-def cold_child() -> None:
-    """D's child: a fresh process starts a herd of 2 agents and waits for one result."""
-    herd = LocalHerd(nodes=2, slots=1, log=subprocess.DEVNULL)
-    try:
-        client = herd.start()
-        assert client.submit(noop, 7).result(timeout=60) == 7
-        print(FIRST_RESULT, flush=True)
-    finally:
-        herd.stop()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["run", "cold"])
+    parser.add_argument("what", choices=["run"])
     parser.add_argument("--sizes", default=Sizes().to_json())
     parser.add_argument("--log", type=Path, default=HERE / "artifacts" / "herder.log")
     args = parser.parse_args()
-    if args.what == "cold":
-        cold_child()
-        return 0
     sizes = Sizes.from_json(args.sizes)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with args.log.open("a") as log:
         say("herder", "B, A, C")
         out = abc(sizes, log)
         say("herder", "D")
-        out["d_cold_s"] = cold_start([sys.executable, __file__, "cold"])
+        out["d_cold_s"] = cold_start([sys.executable, str(HERE / "compare_herder_cold.py")])
         say("herder", "E")
         out |= memory(sizes, log)
         say("herder", "F")
