@@ -6,8 +6,9 @@ of it and starts with everything loaded (about 20 ms) instead of importing
 the world again (about 0.4 s). This is how a fresh herd gets to its first
 result sooner, and how a dead local agent is replaced sooner.
 
-It reads one JSON request per line on the socket whose descriptor is its
-argument: ``{"argv": [...], "env": {...}, "log": PATH}``, and answers
+It listens on no address: it reads requests only on the socket pair's end
+that the coordinator handed it (its argument, a descriptor), one JSON
+request per line: ``{"argv": [...], "env": {...}, "log": PATH}``, and answers
 ``{"pid": N}`` or ``{"error": "..."}``. The child is an agent in a session
 of its own, its output in ``log``, its environment exactly ``env`` (the join
 token travels there, never in argv). The kernel reaps the children (SIGCHLD
@@ -46,7 +47,10 @@ def _child(request: dict[str, Any], server: socket.socket, cli_main: Any) -> Non
     """Become the agent ``request`` asks for; never returns."""
     code = 1
     try:
-        server.close()
+        # closed for real, not just released (the request stream still refers to
+        # it): an agent holding it would keep the provider from seeing the
+        # server's end when the server dies
+        os.close(server.detach())
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the agent waits for its workers
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

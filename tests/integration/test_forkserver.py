@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -45,24 +46,30 @@ def test_local_agents_are_forks_of_the_fork_server(tmp_path: Path) -> None:
 def test_without_its_fork_server_a_dead_agent_is_replaced_by_a_new_process(
     tmp_path: Path,
 ) -> None:
-    herd = LocalHerd(nodes=1, home=tmp_path)
+    herd = LocalHerd(nodes=2, home=tmp_path)
     client = herd.start()
     try:
-        herd.wait_nodes(1, timeout=60)
-        [first] = agent_pids(tmp_path)
+        herd.wait_nodes(2, timeout=60)
+        first, other = agent_pids(tmp_path)
         server = psutil.Process(first).parent()
         assert server is not None
         assert "herder.forkserver" in server.cmdline()
         server.kill()
         kill_tree(first)
+        # The other agent lives on. Had it kept the server's end of the socket
+        # open, the provider would wait out its 30 s answer timeout to notice.
+        started = time.monotonic()
         second = wait_for(
-            lambda: [p for p in agent_pids(tmp_path) if p != first], 60, "a replacement agent"
+            lambda: [p for p in agent_pids(tmp_path) if p not in (first, other)],
+            60,
+            "a replacement agent",
         )[0]
+        assert time.monotonic() - started < 20
         agent = psutil.Process(second)
         assert herd.process is not None
         assert agent.ppid() == herd.process.pid
         assert "agent" in agent.cmdline()  # python -m herder agent ...
-        herd.wait_nodes(1, timeout=60)
+        herd.wait_nodes(2, timeout=60)
         assert client.submit(operator.pos, 4).result(timeout=60) == 4
         log = (tmp_path / "coordinator.log").read_text()
         assert "local agents start as new processes from now on" in log
