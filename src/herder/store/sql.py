@@ -759,9 +759,12 @@ class SqlStore(Store):
                     "task_id": r.task_id,
                     "attempt": row.attempt,
                     "node_id": row.node_id or "",
+                    # the coordinator's clock, as the task's own times: the agent's
+                    # may be skewed or jump, and an end on its clock could precede a
+                    # start on ours
                     "leased_at": row.leased_at or now,
-                    "started_at": row.started_at or r.started_at,
-                    "ended_at": r.ended_at or now,
+                    "started_at": row.started_at,
+                    "ended_at": now,
                     "outcome": r.state.value,
                     "reason": _clip(r.reason),
                     "error": r.error,
