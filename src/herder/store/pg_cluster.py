@@ -75,11 +75,29 @@ class Channel:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
+        """Listen, unless listening already.
+
+        One caller at a time: the publish loop and the refresh loop both
+        reopen a lost channel, and two at once would each connect, and one
+        would publish on the connection whose LISTEN the other was still
+        setting up (asyncpg: "another operation is in progress").
+        """
+        async with self._lock:
+            await self._open()
+
+    async def _open(self) -> None:
+        if self.is_open:
+            return
         try:
-            self._conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
-            await self._conn.add_listener(CHANNEL, self._received)
+            conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise StoreError(f"peer channel: cannot listen: {exc}") from exc
+        try:
+            await conn.add_listener(CHANNEL, self._received)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            conn.terminate()
+            raise StoreError(f"peer channel: cannot listen: {exc}") from exc
+        self._conn = conn
 
     @property
     def is_open(self) -> bool:
@@ -93,20 +111,19 @@ class Channel:
         if not payloads:
             return
         async with self._lock:
-            if self._conn is None or self._conn.is_closed():
-                await self.open()
-            assert self._conn is not None
+            await self._open()
+            conn = self._conn
+            assert conn is not None
             try:
-                await self._conn.executemany(
-                    "SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in payloads]
-                )
+                await conn.executemany("SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in payloads])
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                self._conn.terminate()
+                conn.terminate()
                 self._conn = None
                 raise StoreError(f"peer channel: notify failed: {exc}") from exc
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
+        async with self._lock:
+            conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
                 await conn.close(timeout=CHECK_TIMEOUT_S)
