@@ -15,6 +15,18 @@ from herder.store.cluster import CHANNEL, CHECK_TIMEOUT_S, CONNECT_TIMEOUT_S, LE
 
 log = logging.getLogger("herder.store")
 
+# What a dedicated connection raises when the server goes away. InternalClientError
+# too: a connection that lost the server in the middle of an operation can be left
+# in that operation's state, and its next one fails with "cannot switch to state
+# 13; another operation (2) is in progress" (a CI run's coordinator stopped on it).
+CONNECTION_LOST = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 
 class SessionLock:
     """``pg_try_advisory_lock`` on a dedicated connection that dies with its holder."""
@@ -29,11 +41,11 @@ class SessionLock:
             return await self.check()
         try:
             conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except CONNECTION_LOST as exc:
             raise StoreError(f"leader lock: cannot connect: {exc}") from exc
         try:
             got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key))
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except CONNECTION_LOST as exc:
             await conn.close(timeout=CHECK_TIMEOUT_S)
             raise StoreError(f"leader lock: {exc}") from exc
         if not got:
@@ -49,7 +61,7 @@ class SessionLock:
             return False
         try:
             await conn.fetchval("SELECT 1", timeout=CHECK_TIMEOUT_S)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except CONNECTION_LOST as exc:
             log.warning("leader lock session lost: %s", exc)
             conn.terminate()
             self._conn = None
@@ -61,7 +73,7 @@ class SessionLock:
         if conn is not None and not conn.is_closed():
             try:
                 await conn.close(timeout=CHECK_TIMEOUT_S)
-            except (OSError, asyncpg.PostgresError, TimeoutError):
+            except CONNECTION_LOST:
                 conn.terminate()  # closing the session is what frees the lock
 
 
@@ -90,11 +102,11 @@ class Channel:
             return
         try:
             conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except CONNECTION_LOST as exc:
             raise StoreError(f"peer channel: cannot listen: {exc}") from exc
         try:
             await conn.add_listener(CHANNEL, self._received)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except CONNECTION_LOST as exc:
             conn.terminate()
             raise StoreError(f"peer channel: cannot listen: {exc}") from exc
         self._conn = conn
@@ -116,7 +128,7 @@ class Channel:
             assert conn is not None
             try:
                 await conn.executemany("SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in payloads])
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except CONNECTION_LOST as exc:
                 conn.terminate()
                 self._conn = None
                 raise StoreError(f"peer channel: notify failed: {exc}") from exc
@@ -127,5 +139,5 @@ class Channel:
         if conn is not None and not conn.is_closed():
             try:
                 await conn.close(timeout=CHECK_TIMEOUT_S)
-            except (OSError, asyncpg.PostgresError, TimeoutError):
+            except CONNECTION_LOST:
                 conn.terminate()
