@@ -132,6 +132,10 @@ def test_an_agent_is_adopted_only_if_its_pid_still_names_the_same_process(
 
         assert adopted(started) == ["n-1"]
         assert adopted(started - 5.0) == []  # another process, long gone, had that pid
+        registry.write_text(json.dumps({"n-1": sleeper.pid}))  # an older herder's registry
+        provider = LocalProvider(env={})
+        provider.attach(cluster="c", home=tmp_path)
+        assert asyncio.run(provider.list_own()) == []
     finally:
         os.killpg(sleeper.pid, signal.SIGKILL)
         sleeper.wait()

@@ -72,8 +72,10 @@ class LocalProvider(Provider):
         except (OSError, ValueError):
             return
         for node_id, entry in recorded.items():
-            pid, started = entry["pid"], entry["started"]
-            if started is not None and _started_at(pid) == started:  # not a later one, same pid
+            if not isinstance(entry, dict):
+                continue  # an older herder's bare pid: its process cannot be told apart
+            pid, started = entry.get("pid"), entry.get("started")
+            if isinstance(pid, int) and started is not None and _started_at(pid) == started:
                 self._pids[node_id] = pid
                 self._started[pid] = started
 
