@@ -63,7 +63,8 @@ def _child(request: dict[str, Any], server: socket.socket, cli_main: Any) -> Non
         os.environ.clear()
         os.environ.update(request["env"])
         random.seed()  # else every agent would draw the same jitter as its siblings
-        gc.unfreeze()
+        # what the server froze stays frozen: the agent's collections never touch
+        # (and so never copy) the pages it shares with the server and its siblings
         sys.argv = ["herder", *request["argv"]]
         try:
             cli_main()
