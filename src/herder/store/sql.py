@@ -68,6 +68,7 @@ from herder.store.services import (
     spec_of,
     start_delay,
 )
+from herder.store.sqlite_writer import SqliteWriter
 from herder.store.statements import ACTIVE, HotStatements, state_is
 
 log = logging.getLogger("herder.store")
@@ -119,6 +120,7 @@ class SqlStore(Store):
         self.is_sqlite = self._async_url.startswith("sqlite")
         self._sync_url = self._async_url.replace("sqlite+aiosqlite", "sqlite+pysqlite")
         self._writer: sa.Engine | None = None
+        self._write_conn: SqliteWriter | None = None  # on the write thread: SQLite's writes
         self._reader: sa.Engine | None = None
         self._async_engine: AsyncEngine | None = None
         self._schema_ok = False  # open() found (or made) the schema this code knows
@@ -185,8 +187,9 @@ class SqlStore(Store):
                 max_overflow=4,
                 connect_args={"check_same_thread": False},
             )
-            _sqlite_pragmas(self._writer, immediate=True)
-            _sqlite_pragmas(self._reader, immediate=False)
+            _sqlite_pragmas(self._writer)
+            _sqlite_pragmas(self._reader, begin="BEGIN")
+            self._write_conn = SqliteWriter(self._writer)
             self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="herder-store-write")
             self._read_threads = ThreadPoolExecutor(4, thread_name_prefix="herder-store-read")
         else:
@@ -199,17 +202,18 @@ class SqlStore(Store):
         """An in-memory SQLite database lives in one connection and dies with it.
 
         Separate reader and writer pools would each open an empty database of
-        their own, so reads share the writer's one connection and thread.
+        their own, so reads share the writer's one connection and thread (and
+        run as its transactions: see ``_run``).
         """
         self._writer = sa.create_engine(
             self._sync_url,
             poolclass=sa.pool.StaticPool,
             connect_args={"check_same_thread": False},
         )
-        _sqlite_pragmas(self._writer, immediate=True)
-        self._reader = self._writer
+        _sqlite_pragmas(self._writer)
+        self._write_conn = SqliteWriter(self._writer)
+        self._reader = None
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="herder-store-write")
-        self._read_threads = self._write_thread
 
     async def set_node_paused(self, node_id: str, paused: bool, now: float) -> bool:
         """Pause or resume a node (event ``node_paused``/``node_resumed``); False if
@@ -257,13 +261,16 @@ class SqlStore(Store):
     async def close(self) -> None:
         if self._async_engine is not None:
             await self._async_engine.dispose()
-        for engine in (self._writer, self._reader):
-            if engine is not None:
-                engine.dispose()
         for pool in (self._write_thread, self._read_threads):
             if pool is not None:
                 pool.shutdown(wait=True)
+        if self._write_conn is not None:  # after its thread: nothing runs on it now
+            self._write_conn.close()
+        for engine in (self._writer, self._reader):
+            if engine is not None:
+                engine.dispose()
         self._writer = self._reader = self._async_engine = None
+        self._write_conn = None
         self._schema_ok = False
         self._write_thread = self._read_threads = None
 
@@ -287,15 +294,17 @@ class SqlStore(Store):
                         return await aconn.run_sync(fn)
                 async with self._async_engine.connect() as aconn:
                     return await aconn.run_sync(fn)
-            engine = self._writer if write else self._reader
-            pool = self._write_thread if write else self._read_threads
-            if engine is None or pool is None:
+            writer, loop = self._write_conn, asyncio.get_running_loop()
+            if writer is None or self._write_thread is None:
                 raise StoreError("the store is not open")
-            loop = asyncio.get_running_loop()
             if write:
                 queued_at = time.monotonic()
-                return await loop.run_in_executor(pool, self._write_queued, engine, fn, queued_at)
-            return await loop.run_in_executor(pool, _in_transaction, engine, fn)
+                return await loop.run_in_executor(
+                    self._write_thread, self._write_queued, writer, fn, queued_at
+                )
+            if self._reader is None or self._read_threads is None:  # in memory: see _open_memory
+                return await loop.run_in_executor(self._write_thread, writer.run, fn)
+            return await loop.run_in_executor(self._read_threads, _in_transaction, self._reader, fn)
         except sa.exc.DBAPIError as exc:
             raise StoreError(f"store {'write' if write else 'read'} failed: {exc.orig}") from exc
         except OSError as exc:
@@ -304,7 +313,7 @@ class SqlStore(Store):
             raise StoreError(f"store {'write' if write else 'read'} failed: {exc}") from exc
 
     def _write_queued(
-        self, engine: sa.Engine, fn: Callable[[Connection], T], queued_at: float
+        self, writer: SqliteWriter, fn: Callable[[Connection], T], queued_at: float
     ) -> T:
         """Run a SQLite write on the write thread, unless one failed while it waited.
 
@@ -319,7 +328,7 @@ class SqlStore(Store):
         if failed is not None and failed[0] >= queued_at:
             raise StoreError(f"store write failed: {failed[1]} (a write queued before failed)")
         try:
-            return _in_transaction(engine, fn)
+            return writer.run(fn)
         except sa.exc.OperationalError as exc:  # locked, I/O error, disk full: the store's
             self._write_failed = (time.monotonic(), str(exc.orig))
             raise
@@ -1947,8 +1956,12 @@ def _in_transaction(engine: sa.Engine, fn: Callable[[Connection], T]) -> T:
         return fn(conn)
 
 
-def _sqlite_pragmas(engine: sa.Engine, *, immediate: bool) -> None:
-    """WAL + ``synchronous=FULL``: a commit is on disk before it is acknowledged."""
+def _sqlite_pragmas(engine: sa.Engine, *, begin: str | None = None) -> None:
+    """WAL + ``synchronous=FULL``: a commit is on disk before it is acknowledged.
+
+    ``begin``: what a transaction of ``engine.begin()`` starts with (the
+    readers' ``BEGIN``); the writer sends its own (:class:`SqliteWriter`).
+    """
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -1959,9 +1972,12 @@ def _sqlite_pragmas(engine: sa.Engine, *, immediate: bool) -> None:
         cur.execute("PRAGMA busy_timeout=10000")
         cur.close()
 
+    if begin is None:
+        return
+
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        conn.exec_driver_sql(begin)
 
 
 def _task_record(row: Any, depends_on: list[str]) -> TaskRecord:
