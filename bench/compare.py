@@ -346,7 +346,8 @@ HOW = [
     "installed editable; the peers' by pip).",
     "- E: peak RSS, sampled every 50 ms, of what holds the queue while 100,000 no-ops wait "
     "with no worker: herder's coordinator, Dask's scheduler (its own process), Ray's driver "
-    "(the tasks' owner) + raylet + GCS, Celery's redis-server.",
+    "(the tasks' owner) + raylet + GCS, Celery's redis-server. Each queues through its batch "
+    "API: herder in frames of 1,000 committed one by one, as `client.map` sends them.",
     "- F: herder with 2 agents paused, a backlog of N no-ops (priority 0) and a probe "
     "of no-ops (priority 1) committed; the rate is the probe's, from resuming the agents to "
     "its last result.",

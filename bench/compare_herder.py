@@ -35,11 +35,15 @@ from compare_common import (
     total,
 )
 
-from herder.client import DEFAULT_RETRIES, AsyncClient, Client
+from herder.client import DEFAULT_RETRIES, MAP_BATCH, AsyncClient, Client
 from herder.local import LocalHerd
 from herder.model import TaskSpec, new_id
 
-SUBMIT_BATCH = 10_000
+# What ``client.map`` sends per frame and commit: E and F queue the way the
+# batch API does, as the peers' E uses theirs (``client.map``, a ``group``).
+# (Until 2026-12-07 this was 10,000: each frame's decoded specs then added
+# about 20 MB to the coordinator's peak.)
+SUBMIT_BATCH = MAP_BATCH
 
 
 @contextlib.contextmanager
