@@ -59,15 +59,14 @@ from herder.errors import (
 from herder.model import (
     CommandSpec,
     Limits,
-    ResultRef,
     ServiceSpec,
-    TaskRef,
     TaskSpec,
     new_id,
 )
 from herder.selector import Facts
 from herder.selector import evaluate as evaluate_selector
 from herder.selector import parse as parse_selector
+from herder.values import ResultRef, TaskRef
 
 if TYPE_CHECKING:
     from herder.dataclient import DataClient

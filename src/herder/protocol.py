@@ -27,11 +27,12 @@ from herder.model import (
     CommandSpec,
     ServiceSpec,
     TaskSpec,
-    check_bus_data,
 )
+from herder.values import check_bus_data
 
 VERSION = 1
-# security.NONCE_BYTES, kept here too (protocol imports nothing but model); a unit
+# security.NONCE_BYTES, kept here too (protocol imports nothing but model and
+# values); a unit
 # test holds the two equal
 HELLO_NONCE_BYTES = 32
 MAX_FRAME_BYTES = 64 * 1024 * 1024

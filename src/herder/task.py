@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from herder.model import check_bus_data
+from herder.values import check_bus_data
 
 __all__ = ["emit", "in_task", "progress", "send", "telemetry"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from herder.client import Client
 from herder.local import LocalHerd
-from herder.model import INLINE_RESULT_BYTES
+from herder.values import INLINE_RESULT_BYTES
 
 
 def make(size: int) -> bytes:

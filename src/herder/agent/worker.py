@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, NoReturn
 import cloudpickle
 import msgpack
 
-from herder.model import INLINE_RESULT_BYTES, ResultRef, TaskRef, result_key
+from herder.values import INLINE_RESULT_BYTES, ResultRef, TaskRef, result_key
 
 
 def _read_frame(stream: BinaryIO) -> dict[str, Any] | None:
