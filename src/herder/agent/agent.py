@@ -775,6 +775,7 @@ class Agent:
     # --- running tasks ----------------------------------------------------------------
 
     async def _slot_loop(self, slot: Slot) -> None:
+        await slot.warm()  # while the agent pairs
         previous_start: float | None = None
         while True:
             while not self._queue or self._draining:

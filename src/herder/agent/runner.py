@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +26,8 @@ import msgpack
 from herder import protocol
 from herder.agent.phases import attempt_dir
 from herder.releases.cache import Hold, Installed
+
+log = logging.getLogger(__name__)
 
 # Variables that carry the cluster secret: never passed on to a worker, so no
 # task (nor any program a task runs) can read the join token from its environment.
@@ -92,6 +95,16 @@ class Slot:
         if self._hold is not None:
             self._hold.release()
         self._release, self._hold = release, hold
+
+    async def warm(self) -> None:
+        """Start the worker now, not at the first task: that task then skips the
+        worker's start (a new interpreter and its imports, about 0.1 s), as a
+        prefork pool's first task does. A worker that cannot start here is
+        started (and its failure reported) by the first task instead."""
+        try:
+            await self._ensure()
+        except OSError as exc:
+            log.warning("slot %d: worker not started ahead of a task: %s", self.index, exc)
 
     async def _ensure(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
