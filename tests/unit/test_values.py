@@ -32,5 +32,7 @@ def test_values_pickled_under_their_old_module_load_as_the_same_classes() -> Non
     assert b"herder.model" in old_ref
     ref = pickle.loads(old_ref)
     result = pickle.loads(old_result)
-    assert type(ref) is TaskRef and ref.task_id == "t-1"
-    assert type(result) is ResultRef and (result.key, result.size) == ("results/t-1/1", 5)
+    assert type(ref) is TaskRef
+    assert ref.task_id == "t-1"
+    assert type(result) is ResultRef
+    assert (result.key, result.size) == ("results/t-1/1", 5)
