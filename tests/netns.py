@@ -44,6 +44,11 @@ PREFIX = "10.231"  # one 10.231.N.0/24 per namespace
 SSHD = "/usr/sbin/sshd"
 # Allocating subnets is serialised across test processes (pytest-xdist, other suites).
 _ALLOCATION_LOCK = Path(tempfile.gettempdir()) / "herder-netns.lock"
+# Changes to the root namespace's interfaces (a veth or bridge made, deleted, set up or
+# down) take this lock exclusively; a browser test holds it shared (``network_quiet``):
+# chromium aborts its requests, loopback ones too, with ERR_NETWORK_CHANGED whenever
+# an interface changes (CI of 2026-12-07: the dashboard test's first page load).
+_CHANGE_LOCK = Path(tempfile.gettempdir()) / "herder-netchange.lock"
 
 
 @dataclass(frozen=True)
@@ -87,13 +92,14 @@ def host_namespaces(n: int) -> Iterator[list[Namespace]]:
         _cannot("network namespaces need root")
     made: list[Namespace] = []
     try:
-        with _allocation_lock():
+        with _allocation_lock(), _flock(_CHANGE_LOCK, fcntl.LOCK_EX):
             for _ in range(n):
                 made.append(_make(_free_subnet()))
         yield made
     finally:
-        for ns in made:
-            _destroy(ns)
+        with _flock(_CHANGE_LOCK, fcntl.LOCK_EX):
+            for ns in made:
+                _destroy(ns)
 
 
 @dataclass(frozen=True)
@@ -270,10 +276,25 @@ def _free_subnet() -> int:
     return free[0]
 
 
+def _allocation_lock() -> contextlib.AbstractContextManager[None]:
+    return _flock(_ALLOCATION_LOCK, fcntl.LOCK_EX)
+
+
 @contextlib.contextmanager
-def _allocation_lock() -> Iterator[None]:
-    with _ALLOCATION_LOCK.open("a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+def network_quiet() -> Iterator[None]:
+    """While held, no test here changes an interface of the root namespace (it waits).
+
+    For a browser: chromium fails whatever request is in flight when the
+    interfaces change, loopback included.
+    """
+    with _flock(_CHANGE_LOCK, fcntl.LOCK_SH):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with path.open("a") as lock:
+        fcntl.flock(lock.fileno(), mode)
         try:
             yield
         finally:
@@ -295,7 +316,7 @@ class Subnet:
     routes between subnets (``ip_forward``), so unicast crosses subnets and
     broadcast does not: what a UDP beacon needs to be tested honestly. Each
     host's ``veth`` is its root-side interface, a port of the bridge;
-    ``ip link set VETH down`` cuts that host off.
+    ``link_cut(host)`` cuts that host off.
     """
 
     bridge: str
@@ -308,9 +329,19 @@ class Subnet:
         return f"{self.prefix}.255"
 
 
-def set_link(ns: Namespace, up: bool) -> None:
-    """Plug (``up``) or unplug a host's cable: its root-side veth."""
-    _ip("link", "set", ns.veth, "up" if up else "down")
+@contextlib.contextmanager
+def link_cut(ns: Namespace) -> Iterator[None]:
+    """A host's cable unplugged (its root-side veth down) until the block ends.
+
+    Holds the interface-change lock throughout, so that no browser test
+    starts in between and sees the cable come back.
+    """
+    with _flock(_CHANGE_LOCK, fcntl.LOCK_EX):
+        _ip("link", "set", ns.veth, "down")
+        try:
+            yield
+        finally:
+            _ip("link", "set", ns.veth, "up")
 
 
 @contextlib.contextmanager
@@ -326,14 +357,15 @@ def bridged_subnets(sizes: Sequence[int]) -> Iterator[list[Subnet]]:
         _cannot("network namespaces need root")
     made: list[Subnet] = []
     try:
-        with _allocation_lock():
+        with _allocation_lock(), _flock(_CHANGE_LOCK, fcntl.LOCK_EX):
             for size in sizes:
                 made.append(_make_subnet(_free_bridge_subnet(), size))
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         yield made
     finally:
-        for subnet in made:
-            _destroy_subnet(subnet)
+        with _flock(_CHANGE_LOCK, fcntl.LOCK_EX):
+            for subnet in made:
+                _destroy_subnet(subnet)
 
 
 def _make_subnet(n: int, size: int) -> Subnet:

@@ -24,7 +24,7 @@ from herder.local import LocalHerd
 from tests.faults.fault_checker import SubmissionLog, check, read_exec_log
 from tests.faults.fault_suite import FULL, call_spec, join_token, record, submit, wait_settled
 from tests.helpers import free_port, herder, wait_for
-from tests.netns import Namespace, host_namespaces, set_link
+from tests.netns import Namespace, host_namespaces, link_cut
 
 LEASE_S = 5.0
 PARTITIONS = [3.0, 12.0, 30.0, 120.0] if FULL else [3.0, 12.0]
@@ -135,12 +135,9 @@ def partition_run(
                     "both tasks to start on the partitioned agent",
                 )
                 herder(herd.env(), "agent", "resume", local_node)
-                set_link(ns, up=False)
-                down_at = time.time()
-                try:
+                with link_cut(ns):
+                    down_at = time.time()
                     time.sleep(down_s)
-                finally:
-                    set_link(ns, up=True)
                 up_at = time.monotonic()
                 repaired_s = repair_time(client, up_at)
                 wait_settled(tmp_path / "herd.db", log.acknowledged, timeout=length * 2 + 60)

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from herder.coordinator.dashboard_routes import dashboard_router
 from herder.local import LocalHerd
+from tests.netns import network_quiet
 
 CHROMIUM = "/usr/bin/chromium"
 WAIT_MS = 30_000  # the longest any browser wait may take
@@ -87,7 +88,8 @@ def browser() -> Iterator[Any]:
         except Error as exc:
             _no_browser(f"chromium does not start: {exc}")
         try:
-            yield launched
+            with network_quiet():  # no veth made or cut meanwhile: see tests.netns
+                yield launched
         finally:
             launched.close()
 

@@ -29,7 +29,7 @@ from herder.discovery.beacon import encode_beacon
 from herder.discovery.tracker_client import TrackerClient
 from herder.security import load_or_create_secret
 from tests.helpers import db_rows, free_port, kill_tree, succeeded_attempts, wait_for
-from tests.netns import Namespace, Subnet, bridged_subnets, set_link
+from tests.netns import Namespace, Subnet, bridged_subnets, link_cut
 
 PORT = 7420
 
@@ -210,15 +210,12 @@ def test_a_partitioned_agent_is_lost_then_rejoins_and_its_stale_result_is_refuse
     spare = procs.start(a.hosts[2], "agent-spare", "agent", "--discover", "--node-id", "n-spare")
     wait_for(lambda: paired(spare, a.hosts[0]), 20, "the spare agent to pair")
 
-    set_link(a.hosts[1], up=False)
-    down_at = time.monotonic()
-    try:
+    with link_cut(a.hosts[1]):
+        down_at = time.monotonic()
         wait_for(lambda: node_state(home, "n-cut") == "lost", 6, "the cut-off agent to be lost")
         wait_for(lambda: holder() == ("running", "n-spare"), 5, "the task to move")
         assert attempts()[0][:2] == ("n-cut", "lost")
         time.sleep(max(0.0, 15 - (time.monotonic() - down_at)))
-    finally:
-        set_link(a.hosts[1], up=True)
     wait_for(lambda: paired(cut, a.hosts[0]) >= 2, 25, "the agent to rejoin by itself")
     wait_for(lambda: succeeded_attempts(home).get(task_id) == 1, 20, "the task to succeed")
     time.sleep(1)  # the rejoined agent has offered its stale result by now
