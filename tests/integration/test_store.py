@@ -11,7 +11,7 @@ import asyncio
 import re
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from herder.errors import InvalidTransition, SubmissionError
 from herder.model import NodeRecord, NodeState, TaskSpec, TaskState
 from herder.store.base import Changes, Claimed, ClaimRequest, Sample, Submission, TaskResult
+from herder.store.prepared import driver_of
 from herder.store.sql import SqlStore
 
 S = TaskState
@@ -916,17 +917,23 @@ async def test_finishing_a_task_touches_only_its_own_edges(store: SqlStore) -> N
     if not store.is_sqlite:
         await store._write(lambda conn: conn.exec_driver_sql("ANALYZE"))
 
-    engine = store._writer if store.is_sqlite else store._async_engine.sync_engine  # type: ignore[union-attr]
     seen: list[tuple[str, Any]] = []
+
+    def note(statement: str, parameters: Any) -> None:
+        if re.search(r"\b(tasks|deps)\b", statement) and not statement.lstrip().startswith(
+            "INSERT"
+        ):
+            seen.append((statement, parameters))
 
     def capture(
         conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
-        if re.search(r"\b(tasks|deps)\b", statement) and not statement.lstrip().startswith(
-            "INSERT"
-        ):
-            seen.append((statement, parameters[0] if many else parameters))
+        note(statement, parameters[0] if many else parameters)
 
+    # SQLite's hot statements skip SQLAlchemy (herder.store.prepared): the driver's
+    # trace sees them all, their parameters written in
+    await trace_writes(store, lambda sql: note(sql, ()))
+    engine = store._writer if store.is_sqlite else store._async_engine.sync_engine  # type: ignore[union-attr]
     sa.event.listen(engine, "before_cursor_execute", capture)
     try:
         ch = await store.complete([ok(by_id["a"], b"A")], 4.0)
@@ -941,6 +948,7 @@ async def test_finishing_a_task_touches_only_its_own_edges(store: SqlStore) -> N
         assert c.task_id == "blocker"
     finally:
         sa.event.remove(engine, "before_cursor_execute", capture)
+        await trace_writes(store, None)
     assert await store.counts() == {"waiting": n, "succeeded": 1, "failed": 2, "leased": 2}
     assert len(seen) >= 5
 
@@ -952,6 +960,13 @@ async def test_finishing_a_task_touches_only_its_own_edges(store: SqlStore) -> N
             if (_BAD_PLAN if store.is_sqlite else _BAD_PG_PLAN).search(line.strip())
         ]
         assert not bad, f"{statement}\n{plan}"
+
+
+async def trace_writes(store: SqlStore, callback: Callable[[str], object] | None) -> None:
+    """On SQLite, call ``callback`` with each statement the writer's connection runs
+    (None: stop); a no-op on PostgreSQL."""
+    if store.is_sqlite:
+        await store._write(lambda conn: driver_of(conn).set_trace_callback(callback))
 
 
 async def explain(

@@ -973,16 +973,11 @@ class Coordinator:
                 if i.ended_at is not None and i.started_at is not None
             ]
         )
-        for (sub, done), error in zip(submissions, errors, strict=True):
-            # a request cancelled meanwhile has nobody to tell; the outcome stands
+        for (sub, _), error in zip(submissions, errors, strict=True):
             if error is None:
-                if not done.done():
-                    done.set_result(None)
                 self.peers.note(ready=len(sub.specs), ckeys={s.constraint_key() for s in sub.specs})
             else:
                 self._ready_hint -= len(sub.specs)
-                if not done.done():
-                    done.set_exception(error)
         outbox: dict[AgentSession, list[protocol._Msg]] = {}
         self._ack(batch, changes, outbox)
         if any(session.holding for session, _ in batch):
@@ -1004,6 +999,15 @@ class Coordinator:
                 outbox.setdefault(agent, []).append(self._assign(agent, got))
         for session, messages in outbox.items():  # one frame per agent per turn
             self._spawn(session.send(*messages))
+        # Submitters last: what this turn leased is on its way to the agents first,
+        # ahead of the acknowledgements (a round trip waits on the agent, not the ack).
+        for (_, done), error in zip(submissions, errors, strict=True):
+            if done.done():  # its request was cancelled meanwhile; the outcome stands
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
 
     def _requeue_turn(
         self,

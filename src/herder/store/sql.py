@@ -395,7 +395,7 @@ class SqlStore(Store):
                 )
             _refuse_waiting_on_services(specs, ext_services)
             job = {"id": job_id, "name": job_name, "created_at": now, "owner": sub.owner}
-            conn.execute(self._sql.insert_job, [job])
+            self._sql.run_many(conn, self._sql.insert_job, [job])
             seq0 = max(time.time_ns(), self._last_seq + 1)
             self._last_seq = seq0 + len(specs)
             rows: list[dict[str, Any]] = []
@@ -458,7 +458,7 @@ class SqlStore(Store):
                 flush(final=False)
             flush(final=True)
             for tchunk in _chunks(external):
-                conn.execute(self._sql.mark_dependents, {"ids": list(tchunk)})
+                self._sql.run(conn, self._sql.mark_dependents, {"ids": tchunk})
             if doomed:
                 self._fail_waiting(conn, doomed, Reason.DEPENDENCY_FAILED, now, changes)
 
@@ -469,7 +469,7 @@ class SqlStore(Store):
     def _existing(self, conn: Connection, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in _chunks(ids):
-            found.update(r[0] for r in conn.execute(self._sql.existing, {"ids": list(chunk)}))
+            found.update(r[0] for r in self._sql.rows(conn, self._sql.existing, {"ids": chunk}))
         return found
 
     def _states(
@@ -484,7 +484,8 @@ class SqlStore(Store):
         out: dict[str, TaskState] = {}
         services: set[str] = set()
         for chunk in _chunks(ids):
-            for tid, st, is_service in conn.execute(self._sql.states_locked, {"ids": list(chunk)}):
+            rows = self._sql.rows(conn, self._sql.states_locked, {"ids": chunk})
+            for tid, st, is_service in rows:
                 out[tid] = TaskState(st)
                 if is_service:
                     services.add(tid)
@@ -615,14 +616,16 @@ class SqlStore(Store):
             # ``limit`` rows per key, whatever the length of the queue.
             heads: list[Any] = []
             for key in keys:
-                heads.extend(conn.execute(self._sql.ready_head, {"key": key, "limit": req.limit}))
+                heads.extend(
+                    self._sql.rows(conn, self._sql.ready_head, {"key": key, "limit": req.limit})
+                )
             if not heads:
                 return []
             heads.sort(key=lambda r: (-r.priority, r.seq))
             stmt = self._sql.claim_by_ids
             params = {**lease, "ids": [r.id for r in heads[: req.limit]]}
             key_of = {r.id: r.ckey for r in heads}
-        rows = list(conn.execute(stmt, params))
+        rows = self._sql.rows(conn, stmt, params)
         if not rows:
             return []
         rows.sort(key=lambda r: (-r.priority, r.seq))
@@ -654,11 +657,7 @@ class SqlStore(Store):
         new = job_ids - self._jobs_started
         if not new:
             return
-        conn.execute(
-            schema.jobs.update()
-            .where(schema.jobs.c.id.in_(sorted(new)), schema.jobs.c.started_at.is_(None))
-            .values(started_at=now)
-        )
+        self._sql.run(conn, self._sql.job_started, {"ids": sorted(new), "now": now})
         self._jobs_started |= new
 
     def _claim_fitting(
@@ -676,7 +675,9 @@ class SqlStore(Store):
         for key in keys:
             limit = parse_key(key).fits(free, req.limit)
             if limit > 0:
-                heads.extend(conn.execute(self._sql.ready_head, {"key": key, "limit": limit}))
+                heads.extend(
+                    self._sql.rows(conn, self._sql.ready_head, {"key": key, "limit": limit})
+                )
         heads.sort(key=lambda r: (-r.priority, r.seq))
         ids: list[str] = []
         for r in heads:
@@ -698,11 +699,11 @@ class SqlStore(Store):
         # every finished task in the table for each claim.
         edges: list[tuple[str, str]] = []
         for chunk in _chunks(task_ids):
-            res = conn.execute(self._sql.dep_edges, {"ids": list(chunk)})
+            res = self._sql.rows(conn, self._sql.dep_edges, {"ids": chunk})
             edges.extend((tid, did) for tid, did in res)
         results: dict[str, bytes] = {}
         for dchunk in _chunks(sorted({did for _, did in edges})):
-            res = conn.execute(self._sql.dep_values, {"ids": list(dchunk)})
+            res = self._sql.rows(conn, self._sql.dep_values, {"ids": dchunk})
             results.update((did, result) for did, result in res if result is not None)
         out: dict[str, dict[str, bytes]] = {}
         for tid, did in edges:
@@ -716,8 +717,8 @@ class SqlStore(Store):
     def _mark_running(
         self, conn: Connection, leases: Sequence[tuple[str, str]], now: float
     ) -> None:
-        conn.execute(
-            self._sql.mark_running, [{"tid": t, "lid": lid, "now": now} for t, lid in leases]
+        self._sql.run_many(
+            conn, self._sql.mark_running, [{"tid": t, "lid": lid, "now": now} for t, lid in leases]
         )
 
     # --- results -----------------------------------------------------------------
@@ -815,15 +816,15 @@ class SqlStore(Store):
             if row.has_dependents:
                 (succeeded if r.state is TaskState.SUCCEEDED else failed).append(r.task_id)
         if finished:
-            conn.execute(self._sql.finish, finished)
+            self._sql.run_many(conn, self._sql.finish, finished)
         if retried:
-            conn.execute(self._sql.requeue, retried)
+            self._sql.run_many(conn, self._sql.requeue, retried)
             changes.newly_ready += len(retried)
             self._events(conn, now, [("task_retry", t["tid"], None, t["lid"], {}) for t in retried])
         if restarted:
             self._restart(conn, restarted, now, changes)
         if attempt_rows:
-            conn.execute(self._sql.insert_attempts, attempt_rows)
+            self._sql.run_many(conn, self._sql.insert_attempts, attempt_rows)
         if resent:
             self._ack_recorded(conn, resent, changes)
         if succeeded:
@@ -835,7 +836,7 @@ class SqlStore(Store):
         self, conn: Connection, runs: Sequence[Restart], now: float, changes: Changes
     ) -> None:
         """Send services whose run ended back to ``ready`` (guarded by their lease)."""
-        conn.execute(self._sql.restart, [r.params() for r in runs])
+        self._sql.run_many(conn, self._sql.restart, [r.params() for r in runs])
         changes.requeued.extend(r.task_id for r in runs)
         changes.newly_ready += len(runs)
         self._events(conn, now, [r.event() for r in runs])
@@ -851,9 +852,7 @@ class SqlStore(Store):
         """
         recorded: dict[str, tuple[str, str | None]] = {}
         for chunk in _chunks(sorted({r.lease_id for r in results})):
-            res = conn.execute(
-                sa.select(_a.c.lease_id, _a.c.task_id, _a.c.outcome).where(_a.c.lease_id.in_(chunk))
-            )
+            res = self._sql.rows(conn, self._sql.recorded, {"ids": chunk})
             recorded.update((lid, (tid, outcome)) for lid, tid, outcome in res)
         for r in results:
             ok = recorded.get(r.lease_id) == (r.task_id, r.state.value)
@@ -862,7 +861,7 @@ class SqlStore(Store):
     def _lease_rows(self, conn: Connection, task_ids: Sequence[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for chunk in _chunks(task_ids):
-            for row in conn.execute(self._sql.lease_rows, {"ids": list(chunk)}):
+            for row in self._sql.rows(conn, self._sql.lease_rows, {"ids": chunk}):
                 out[row.id] = row
         return out
 
@@ -873,7 +872,7 @@ class SqlStore(Store):
         """
         counts: Counter[str] = Counter()
         for chunk in _chunks(done):
-            for tid, n in conn.execute(self._sql.dependent_counts, {"ids": list(chunk)}):
+            for tid, n in self._sql.rows(conn, self._sql.dependent_counts, {"ids": chunk}):
                 counts[tid] += n
         self._count_down(conn, counts, changes)
 
@@ -893,14 +892,10 @@ class SqlStore(Store):
             # read every waiting task in the table.
             dependents: set[str] = set()
             for chunk in _chunks(frontier):
-                res = conn.execute(sa.select(_d.c.task_id).where(_d.c.dep_id.in_(chunk)))
+                res = self._sql.rows(conn, self._sql.dependents_of, {"ids": chunk})
                 dependents.update(r[0] for r in res)
             for dchunk in _chunks(sorted(dependents)):
-                res = conn.execute(
-                    sa.select(_t.c.id, _t.c.run_on_failure).where(
-                        _t.c.id.in_(dchunk), state_is(TaskState.WAITING.value)
-                    )
-                )
+                res = self._sql.rows(conn, self._sql.waiting_rows, {"ids": dchunk})
                 for tid, rof in res:
                     (tolerant if rof else doomed).append(tid)
             if tolerant:
@@ -922,7 +917,7 @@ class SqlStore(Store):
         counts: Counter[str] = Counter()
         dead_set = set(dead)
         for chunk in _chunks(sorted(set(dependents))):
-            for tid, did in conn.execute(self._sql.dep_edges, {"ids": list(chunk)}):
+            for tid, did in self._sql.rows(conn, self._sql.dep_edges, {"ids": chunk}):
                 if did in dead_set:
                     counts[tid] += 1
         self._count_down(conn, counts, changes)
@@ -931,10 +926,11 @@ class SqlStore(Store):
         """Take ``counts`` off the waiting tasks' pending dependencies; wake those at zero."""
         if not counts:
             return
-        conn.execute(self._sql.count_down, [{"tid": t, "n": n} for t, n in counts.items()])
+        self._sql.run_many(
+            conn, self._sql.count_down, [{"tid": t, "n": n} for t, n in counts.items()]
+        )
         for chunk in _chunks(list(counts)):
-            res = conn.execute(self._sql.wake_ready, {"ids": list(chunk)})
-            changes.newly_ready += res.rowcount
+            changes.newly_ready += self._sql.run(conn, self._sql.wake_ready, {"ids": chunk})
 
     def _fail_waiting(
         self,
@@ -948,10 +944,10 @@ class SqlStore(Store):
     ) -> None:
         error = {"type": "DependencyFailed", "message": "a task this one depends on failed"}
         for chunk in _chunks(ids):
-            conn.execute(
-                _t.update()
-                .where(_t.c.id.in_(chunk), state_is(TaskState.WAITING.value))
-                .values(state=TaskState.FAILED.value, reason=reason, error=error, finished_at=now)
+            self._sql.run(
+                conn,
+                self._sql.fail_waiting,
+                {"ids": chunk, "reason": reason, "error": error, "now": now},
             )
         changes.finals.extend(
             Final(task_id=t, state=TaskState.FAILED, reason=reason, error=error) for t in ids
@@ -1061,18 +1057,7 @@ class SqlStore(Store):
         for tid, lid in leases:
             if tid in ran:
                 continue
-            res = conn.execute(
-                _t.update()
-                .where(_t.c.id == tid, _t.c.lease_id == lid, state_is(*ACTIVE))
-                .values(
-                    state=TaskState.READY.value,
-                    node_id=None,
-                    lease_id=None,
-                    started_at=None,
-                    attempt=_t.c.attempt - 1,  # handed back, not failed: not charged
-                )
-            )
-            if res.rowcount:
+            if self._sql.run(conn, self._sql.hand_back, {"tid": tid, "lid": lid}):
                 changes.requeued.append(tid)
                 changes.newly_ready += 1
 
@@ -1871,7 +1856,7 @@ class SqlStore(Store):
             for a, t, n, lid, d in rows
         ]
         for chunk in _chunks(batch, 500):
-            conn.execute(self._sql.insert_events, list(chunk))
+            self._sql.run_many(conn, self._sql.insert_events, chunk)
 
     async def events(
         self, *, after: int = 0, task_id: str | None = None, limit: int = 100

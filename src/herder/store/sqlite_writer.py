@@ -7,7 +7,8 @@ the write thread about a quarter of its time on a turn that submits and
 leases one task (py-spy of ``bench/cpu_split.py``'s store part), as much as
 the turn's statements. So the writer keeps one ``Connection`` for the
 store's life and says ``BEGIN IMMEDIATE`` / ``COMMIT`` / ``ROLLBACK`` to the
-driver itself; the statements in between still go through SQLAlchemy Core.
+driver itself. The statements in between go through SQLAlchemy Core, or
+for the hot path's, straight to the driver (:mod:`herder.store.prepared`).
 
 The engine it is given must not issue BEGIN on SQLAlchemy's ``begin`` event,
 and its driver connections run with ``isolation_level = None`` (pysqlite then
@@ -23,6 +24,8 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+
+from herder.store.prepared import driver_of, run_sql
 
 T = TypeVar("T")
 
@@ -42,11 +45,11 @@ class SqliteWriter:
         for a locked database or a full disk), as ``engine.begin()`` did.
         """
         conn = self._conn if self._conn is not None else self._open()
-        raw = _driver(conn)
-        self._driver_sql(raw, "BEGIN IMMEDIATE")
+        raw = driver_of(conn)
+        run_sql(raw, "BEGIN IMMEDIATE")
         try:
             out = fn(conn)
-            self._driver_sql(raw, "COMMIT")
+            run_sql(raw, "COMMIT")
         except BaseException:
             self._abandon(conn, raw)
             raise
@@ -85,19 +88,3 @@ class SqliteWriter:
         if conn is not None:
             conn.invalidate()
             conn.close()
-
-    @staticmethod
-    def _driver_sql(raw: sqlite3.Connection, statement: str) -> None:
-        try:
-            raw.execute(statement)
-        except sqlite3.Error as exc:
-            # the same class SQLAlchemy would raise (OperationalError for "locked")
-            wrapped = sa.exc.DBAPIError.instance(statement, None, exc, sqlite3.Error)
-            raise wrapped if isinstance(wrapped, BaseException) else exc from exc
-
-
-def _driver(conn: Connection) -> sqlite3.Connection:
-    raw = conn.connection.dbapi_connection
-    if not isinstance(raw, sqlite3.Connection):
-        raise TypeError(f"SqliteWriter needs a pysqlite connection, got {type(raw).__name__}")
-    return raw

@@ -1,16 +1,20 @@
-"""The statements of the store's hot path, built once per store.
+"""The statements of the store's hot path, built once per store, and how they run.
 
 Building a SQLAlchemy construct and deriving its cache key costs more than
 SQLite takes to run the statement (profiled: about two thirds of a small
 transaction). A construct built once memoises its cache key, and its
-compiled form comes from the engine's cache, so each execution pays only
-for binding and running. Lists go through expanding parameters (``ids``);
-callers keep them under the dialect's parameter limit (``_chunks``).
+compiled form comes from the engine's cache. On SQLite even that execution
+path costs more than the statement, so there the constructs are compiled
+once more, for the driver (:mod:`herder.store.prepared`), and ``rows``,
+``run`` and ``run_many`` execute them there; PostgreSQL runs them through
+SQLAlchemy. Lists go through expanding parameters (``ids``); callers keep
+them under the dialect's parameter limit (``_chunks``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 from herder.model import TaskState
 from herder.store import schema
+from herder.store.prepared import Prepared, driver_of, run_sql_many
 
 _t = schema.tasks
 _d = schema.deps
@@ -197,6 +202,84 @@ class HotStatements:
             .where(_t.c.id.in_(ids()), state_is(WAITING), _t.c.pending_deps <= 0)
             .values(state=READY)
         )
+        self.fail_waiting = (
+            _t.update()
+            .where(_t.c.id.in_(ids()), state_is(WAITING))
+            .values(
+                state=TaskState.FAILED.value,
+                reason=sa.bindparam("reason"),
+                error=sa.bindparam("error", type_=_t.c.error.type),
+                finished_at=sa.bindparam("now"),
+            )
+        )
+        self.dependents_of = sa.select(_d.c.task_id).where(_d.c.dep_id.in_(ids()))
+        self.waiting_rows = sa.select(_t.c.id, _t.c.run_on_failure).where(
+            _t.c.id.in_(ids()), state_is(WAITING)
+        )
+
+        # jobs, hand-backs, resent results
+        self.job_started = (
+            schema.jobs.update()
+            .where(schema.jobs.c.id.in_(ids()), schema.jobs.c.started_at.is_(None))
+            .values(started_at=sa.bindparam("now"))
+        )
+        self.hand_back = (
+            _t.update()
+            .where(*by_lease, state_is(*ACTIVE))
+            .values(
+                state=READY,
+                node_id=None,
+                lease_id=None,
+                started_at=None,
+                attempt=_t.c.attempt - 1,  # handed back, not failed: not charged
+            )
+        )
+        self.recorded = sa.select(_a.c.lease_id, _a.c.task_id, _a.c.outcome).where(
+            _a.c.lease_id.in_(ids())
+        )
+        self._hot = {id(v) for v in vars(self).values() if isinstance(v, sa.Executable)}
+        self._prepared: dict[tuple[int, tuple[str, ...]], Prepared] = {}
+
+    # --- running them -----------------------------------------------------------------
+
+    def rows(self, conn: Connection, stmt: sa.Executable, params: Mapping[str, Any]) -> list[Any]:
+        """Run ``stmt`` once; its rows (SELECT, RETURNING), with attribute access."""
+        if not self.is_sqlite:
+            return list(conn.execute(stmt, params))
+        return self._prepare(conn, stmt).rows(driver_of(conn), params)
+
+    def run(self, conn: Connection, stmt: sa.Executable, params: Mapping[str, Any]) -> int:
+        """Run ``stmt`` once; how many rows it changed."""
+        if not self.is_sqlite:
+            return conn.execute(stmt, params).rowcount
+        return self._prepare(conn, stmt).run(driver_of(conn), params)
+
+    def run_many(
+        self, conn: Connection, stmt: sa.Executable, params: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Run ``stmt`` once per parameter set (the same keys in each), as one executemany."""
+        if not params:
+            return
+        if not self.is_sqlite:
+            conn.execute(stmt, list(params))
+            return
+        self._prepare(conn, stmt, tuple(params[0])).run_many(driver_of(conn), params)
+
+    def _prepare(
+        self, conn: Connection, stmt: sa.Executable, keys: tuple[str, ...] = ()
+    ) -> Prepared:
+        """``stmt`` compiled for the driver, once (an INSERT once per set of keys)."""
+        if id(stmt) not in self._hot:
+            raise ValueError("only the statements built in HotStatements run prepared")
+        if not isinstance(stmt, sa.Insert):
+            keys = ()  # an UPDATE's SET is its values(), whatever the parameters' names
+        key = (id(stmt), keys)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            assert isinstance(stmt, sa.ClauseElement)
+            prepared = Prepared(stmt, conn.dialect, column_keys=keys or None)
+            self._prepared[key] = prepared
+        return prepared
 
     def insert_many(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """Insert ``rows`` (dicts with the same keys) in one executemany.
@@ -224,7 +307,7 @@ class HotStatements:
                 if values[i] is not None:
                     values[i] = json.dumps(values[i])
             params.append(tuple(values))
-        conn.exec_driver_sql(sql, params)
+        run_sql_many(driver_of(conn), sql, params)
 
     def _lease(self, pick: sa.Select[Any]) -> Any:
         """Lease the tasks ``pick`` selects to ``:node``, each under a fresh random lease id."""
