@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from herder import security
+from herder import certs, security
 from tests.helpers import free_port, kill_tree, wait_for
 
 
@@ -29,7 +29,7 @@ def shared_homes(root: Path, count: int, toml: str = "") -> list[Path]:
     """``count`` herder homes sharing the secret and CA of the first."""
     first = root / "home0"
     security.load_or_create_secret(first / "secret")
-    security.ensure_tls(first / "tls", ["127.0.0.1"])
+    certs.ensure_tls(first / "tls", ["127.0.0.1"])
     homes = [first]
     for i in range(1, count):
         home = root / f"home{i}"

@@ -12,9 +12,11 @@ loop, so that it can be read and tested on its own:
 * **The pairing handshake.** Coordinator and agent each send a nonce and each
   answer with an HMAC over both nonces; the two roles use different labels so
   that a proof can never be reflected back at the side that asked for it.
-* **TLS.** The coordinator makes its own CA and a leaf certificate. Clients
-  trust only that CA, fetched once over an unverified channel and accepted
-  only if its SHA-256 fingerprint is the one the token names.
+* **TLS.** The coordinator makes its own CA and a leaf certificate
+  (:mod:`herder.certs`, the one module that loads the X.509 library). Clients
+  and agents trust only that CA, fetched once over an unverified channel and
+  accepted only if its SHA-256 fingerprint is the one the token names; they
+  need nothing but the standard library for it (:func:`pem_certificates`).
 """
 
 from __future__ import annotations
@@ -22,29 +24,19 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import datetime
 import fcntl
 import hashlib
 import hmac
 import http.client
-import ipaddress
 import os
 import re
 import secrets
-import socket
 import ssl
 import stat
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from herder.errors import PinningError, SecurityError
 
@@ -52,14 +44,12 @@ __all__ = [
     "NONCE_BYTES",
     "SECRET_BYTES",
     "JoinToken",
-    "TlsFiles",
     "agent_proof",
     "agent_token_secret",
     "bearer_matches",
     "ca_fingerprint",
     "client_ssl_context",
     "coordinator_proof",
-    "ensure_tls",
     "fetch_pinned_ca",
     "fingerprint_hex",
     "load_or_create_secret",
@@ -90,11 +80,10 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _VERSION_LIKE = re.compile(r"hd[0-9]{1,4}")
 _TOKEN_SHAPE = "hd1.<secret>.<fingerprint>[@https://host:port]"
 
-_CA_DAYS = 3650
-_LEAF_DAYS = 730
-_LEAF_RENEW_BEFORE = datetime.timedelta(days=30)
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
 _MAX_CA_BODY = 64 * 1024
+_PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL
+)
 
 
 # --------------------------------------------------------------------------- secret
@@ -112,7 +101,7 @@ def load_or_create_secret(path: Path) -> bytes:
     path = Path(path)
     if path.exists():
         return load_secret(path)
-    _make_private_dir(path.parent)
+    make_private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
@@ -146,7 +135,7 @@ def load_secret(path: Path) -> bytes:
             f"secret file {path} is malformed: expected {SECRET_BYTES * 2} hex characters",
             path=path,
         ) from exc
-    _check_private_mode(path, mode)
+    check_private_mode(path, mode)
     try:
         secret = bytes.fromhex(text.strip())
     except ValueError as exc:
@@ -477,48 +466,37 @@ def _hmac(secret: bytes, message: bytes) -> bytes:
 # --------------------------------------------------------------------------- TLS
 
 
-@dataclass(frozen=True)
-class TlsFiles:
-    """Where a node's TLS material lives: the cluster CA and this node's leaf."""
-
-    ca_cert: Path
-    ca_key: Path
-    cert: Path
-    key: Path
-
-    def fingerprint(self) -> bytes:
-        """The CA fingerprint that join tokens carry."""
-        return ca_fingerprint(self.ca_cert.read_bytes())
-
-
-def ensure_tls(directory: Path, hosts: Sequence[str] = ()) -> TlsFiles:
-    """Make sure ``directory`` holds a CA and a leaf certificate valid for ``hosts``.
-
-    The CA is created once and never replaced while ``ca.pem`` exists: every
-    join token handed out names its fingerprint. The leaf is cheap and is
-    re-issued whenever it does not fit (missing host, other CA, wrong key,
-    close to expiry). A lock file serialises processes starting together, and
-    every file is replaced atomically, so a crash never leaves a torn file.
-    """
-    directory = Path(directory)
-    _make_private_dir(directory)
-    files = TlsFiles(
-        ca_cert=directory / "ca.pem",
-        ca_key=directory / "ca.key",
-        cert=directory / "cert.pem",
-        key=directory / "key.pem",
-    )
-    names = _leaf_names(hosts)
-    with _locked(directory / ".tls.lock"):
-        ca_cert, ca_key = _ensure_ca(files)
-        if not _leaf_fits(files, ca_cert, names):
-            _write_leaf(files, ca_cert, ca_key, names)
-    return files
-
-
 def ca_fingerprint(ca_pem: bytes) -> bytes:
     """SHA-256 of the DER of the first certificate in ``ca_pem``."""
-    return _first_certificate(ca_pem).fingerprint(hashes.SHA256())
+    return hashlib.sha256(first_certificate_der(ca_pem)).digest()
+
+
+def pem_certificates(pem: bytes) -> list[bytes]:
+    """The DER of each PEM certificate block in ``pem``, in order (text around them ignored).
+
+    Only the blocks are found and base64-decoded here; the ``ssl`` module parses
+    a certificate when a context loads it, and a pinned fingerprint covers its
+    exact bytes. Reading PEM this way keeps agents and clients from loading
+    the X.509 library (``cryptography``, some 10 MB and a tenth of a second):
+    they only compare fingerprints and load a CA.
+    """
+    text = pem.decode("ascii", errors="replace")
+    out = []
+    for body in _PEM_CERTIFICATE.findall(text):
+        try:
+            out.append(base64.b64decode("".join(body.split()), validate=True))
+        except (binascii.Error, ValueError):
+            continue
+    return out
+
+
+def first_certificate_der(pem: bytes, path: Path | None = None) -> bytes:
+    """The DER of the first certificate in ``pem``; SecurityError naming ``path`` if none."""
+    found = pem_certificates(pem)
+    if not found:
+        where = f" in {path}" if path is not None else ""
+        raise SecurityError(f"no PEM certificate found{where}", path=path)
+    return found[0]
 
 
 def fingerprint_hex(fp: bytes) -> str:
@@ -540,17 +518,20 @@ def client_ssl_context(
     address it was reached at. Only the first certificate of ``ca_pem`` is
     trusted, the one :func:`ca_fingerprint` covers.
     """
-    ca = _first_certificate(ca_pem)
+    ca = ssl.DER_cert_to_PEM_cert(first_certificate_der(ca_pem))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_X509_STRICT
-    context.load_verify_locations(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    try:
+        context.load_verify_locations(cadata=ca)
+    except ssl.SSLError as exc:
+        raise SecurityError(f"the cluster CA is not a valid certificate: {exc}") from exc
     if cert is not None:
         try:
             if key is not None:
-                _check_private_mode(key, key.stat().st_mode)
+                check_private_mode(key, key.stat().st_mode)
             context.load_cert_chain(str(cert), str(key) if key is not None else None)
         except (OSError, ssl.SSLError) as exc:
             raise SecurityError(
@@ -598,13 +579,12 @@ def fetch_pinned_ca(url: str, fingerprint: bytes, timeout: float = 10.0) -> byte
         )
     if len(body) > _MAX_CA_BODY:
         raise SecurityError(f"coordinator at {url} sent an oversized CA", url=url)
-    try:
-        certificates = x509.load_pem_x509_certificates(body)
-    except ValueError as exc:
+    certificates = pem_certificates(body)
+    if not certificates:
         raise SecurityError(
             f"coordinator at {url} did not send a PEM certificate for /v1/ca", url=url
-        ) from exc
-    presented = certificates[0].fingerprint(hashes.SHA256())
+        )
+    presented = hashlib.sha256(certificates[0]).digest()
     if not hmac.compare_digest(presented, fingerprint):
         raise PinningError(
             f"coordinator at {url} presented CA fingerprint {fingerprint_hex(presented)}.. "
@@ -619,226 +599,15 @@ def fetch_pinned_ca(url: str, fingerprint: bytes, timeout: float = 10.0) -> byte
     return body
 
 
-def build_ca(common_name: str, *, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A new self-signed CA (P-256) that may sign leaves but no further CAs.
-
-    Shared by the CA a coordinator makes for itself and by ``herder certs``.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-    now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def build_leaf(
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    *,
-    common_name: str,
-    usages: list[x509.ObjectIdentifier],
-    names: list[x509.GeneralName],
-    days: int,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A new key (P-256) and its certificate signed by ``ca_cert``, for ``names``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "herder"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    """A CA signs certificates and CRLs; a leaf signs its handshakes, nothing else."""
-    return x509.KeyUsage(
-        digital_signature=not cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _ensure_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Load the CA, or create it if (and only if) ``ca.pem`` does not exist."""
-    if files.ca_cert.exists():
-        ca_cert = _first_certificate(files.ca_cert.read_bytes(), files.ca_cert)
-        if not files.ca_key.exists():
-            raise SecurityError(
-                f"CA key {files.ca_key} is missing but {files.ca_cert} exists; "
-                "refusing to replace a CA that join tokens already name",
-                path=files.ca_key,
-            )
-        ca_key = _load_key(files.ca_key)
-        if _public_der(ca_key) != _public_der(ca_cert.public_key()):
-            raise SecurityError(
-                f"CA key {files.ca_key} does not belong to {files.ca_cert}", path=files.ca_key
-            )
-        return ca_cert, ca_key
-    ca_cert, ca_key = build_ca(f"herder CA {secrets.token_hex(4)}", days=_CA_DAYS)
-    # Key first: a crash in between leaves no ca.pem, so the next start simply retries.
-    write_atomic(files.ca_key, private_pem(ca_key), 0o600)
-    write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return ca_cert, ca_key
-
-
-def _leaf_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
-    """The SANs a leaf must carry: local names plus each requested host."""
-    wanted = ["localhost", socket.gethostname(), "127.0.0.1", "::1", *hosts]
-    names: list[x509.GeneralName] = []
-    for host in wanted:
-        name = _general_name(host.strip())
-        if name is not None and name not in names:
-            names.append(name)
-    return names
-
-
-def _general_name(host: str) -> x509.GeneralName | None:
-    if not host:
-        return None
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        pass
-    try:
-        return x509.DNSName(host.lower().encode("idna").decode("ascii"))
-    except UnicodeError as exc:
-        raise SecurityError(f"host {host!r} is not a valid DNS name", host=host) from exc
-
-
-def _leaf_fits(files: TlsFiles, ca_cert: x509.Certificate, names: list[x509.GeneralName]) -> bool:
-    """Whether the existing leaf can be kept: same CA, own key, all names, not near expiry."""
-    if not (files.cert.exists() and files.key.exists()):
-        return False
-    try:
-        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
-        key = _load_key(files.key)
-        cert.verify_directly_issued_by(ca_cert)
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
-        return False
-    if _public_der(key) != _public_der(cert.public_key()):
-        return False
-    if cert.not_valid_after_utc - _now() < _LEAF_RENEW_BEFORE:
-        return False
-    present = set(sans)
-    return all(name in present for name in names)
-
-
-def _write_leaf(
-    files: TlsFiles,
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    names: list[x509.GeneralName],
-) -> None:
-    cert, key = build_leaf(
-        ca_cert,
-        ca_key,
-        common_name="herder node",
-        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-        names=names,
-        days=_LEAF_DAYS,
-    )
-    # Key first: a crash in between leaves a key that does not match cert.pem,
-    # which _leaf_fits notices, so the next start issues a fresh pair.
-    write_atomic(files.key, private_pem(key), 0o600)
-    write_atomic(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _first_certificate(pem: bytes, path: Path | None = None) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificates(pem)[0]
-    except ValueError as exc:
-        where = f" in {path}" if path is not None else ""
-        raise SecurityError(f"no PEM certificate found{where}", path=path) from exc
-
-
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    _check_private_mode(path, path.stat().st_mode)
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise SecurityError(f"key file {path} is not a PEM private key", path=path) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise SecurityError(f"key file {path} is not an EC private key", path=path)
-    return key
-
-
-def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """A private key as unencrypted PKCS#8 PEM (the file itself is kept 0600)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _public_der(key: ec.EllipticCurvePrivateKey | CertificatePublicKeyTypes) -> bytes:
-    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
 # --------------------------------------------------------------------------- files
 
 
-def _make_private_dir(directory: Path) -> None:
+def make_private_dir(directory: Path) -> None:
     """Create ``directory`` (0700) if needed; an existing directory is left as it is."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def _check_private_mode(path: Path, mode: int) -> None:
+def check_private_mode(path: Path, mode: int) -> None:
     if stat.S_IMODE(mode) & 0o077:
         raise SecurityError(
             f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
@@ -863,7 +632,7 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path``, serialising first starts across processes."""
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:

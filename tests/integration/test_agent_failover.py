@@ -31,7 +31,8 @@ from typing import Any
 import pytest
 
 import herder
-from herder.security import JoinToken, ca_fingerprint, ensure_tls, load_or_create_secret
+from herder.certs import ensure_tls
+from herder.security import JoinToken, ca_fingerprint, load_or_create_secret
 from tests.helpers import free_port, kill_tree, wait_for
 from tests.helpers import herder as run_herder
 

@@ -1,6 +1,8 @@
 """A coordinator on SQLite loads only what it uses: every start pays for each import
 (issue 11's cold start and memory figures), so the PostgreSQL driver, Alembic, the
-ORM and httpx wait until a PostgreSQL store, an upgrade or a tracker needs them."""
+ORM and httpx wait until a PostgreSQL store, an upgrade or a tracker needs them.
+Agents and clients leave out the X.509 library too: only the coordinator makes
+certificates."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import subprocess
 import sys
 
 NOT_AT_START = ("alembic", "asyncpg", "httpx", "sqlalchemy.orm")
-AGENT_NOT_AT_START = ("httpx", "herder.dataclient", "sqlalchemy", "fastapi")
+AGENT_NOT_AT_START = ("httpx", "herder.dataclient", "sqlalchemy", "fastapi", "cryptography")
+# A client and an agent pin a CA by fingerprint and load it into ``ssl``: they never
+# make or parse certificates, so the X.509 library (~10 MB, 0.1 s) stays out.
+CLIENT_NOT_AT_START = ("cryptography", "sqlalchemy", "fastapi")
 
 
 def _loaded_after(imports: str, modules: tuple[str, ...]) -> str:
@@ -32,3 +37,7 @@ def test_an_agent_starts_without_httpx() -> None:
     task that fetches, uploads or checks a service's health over HTTP: every local
     agent of a cold start paid ~70 ms for it."""
     assert _loaded_after("herder.cli, herder.agent.agent", AGENT_NOT_AT_START) == "[]"
+
+
+def test_a_client_starts_without_the_x509_library() -> None:
+    assert _loaded_after("herder.client, herder.local", CLIENT_NOT_AT_START) == "[]"

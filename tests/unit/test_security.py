@@ -17,17 +17,16 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from herder.certs import TlsFiles, ensure_tls
 from herder.errors import PinningError, SecurityError
 from herder.security import (
     SECRET_BYTES,
     JoinToken,
-    TlsFiles,
     agent_proof,
     bearer_matches,
     ca_fingerprint,
     client_ssl_context,
     coordinator_proof,
-    ensure_tls,
     fetch_pinned_ca,
     fingerprint_hex,
     load_or_create_secret,
@@ -365,7 +364,7 @@ def test_world_readable_key_is_refused(tmp_path: Path, tls: TlsFiles) -> None:
 def test_ensure_tls_race_between_processes(tmp_path: Path) -> None:
     directory = tmp_path / "tls"
     code = (
-        "import sys, pathlib; from herder.security import ensure_tls; "
+        "import sys, pathlib; from herder.certs import ensure_tls; "
         "print(ensure_tls(pathlib.Path(sys.argv[1])).fingerprint().hex())"
     )
     procs = [

@@ -1321,7 +1321,7 @@ def _served_tls(settings: Settings) -> certs.ServedTls:
     """The user's own certificates when given (checked), else the coordinator's own CA."""
     if settings.tls_cert is not None and settings.tls_key is not None and settings.tls_ca:
         return certs.served_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    own = security.ensure_tls(settings.tls_dir, [settings.listen_host])
+    own = certs.ensure_tls(settings.tls_dir, [settings.listen_host])
     return certs.ServedTls(ca_cert=own.ca_cert, cert=own.cert, key=own.key)
 
 

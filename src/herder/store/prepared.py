@@ -2,12 +2,11 @@
 
 SQLAlchemy Core spends more on each execution (its execution context,
 parameter processing, result wrapping) than SQLite spends running a small
-statement. On the store's hot path (submit, lease, start, finish) that was
-most of a transaction: a submit-lease-complete round of two transactions took
-1.35 ms of user CPU through SQLAlchemy against 0.39 ms for the same
-statements on the driver (``bench/store_round.py``). So a statement built
-once (:class:`~herder.store.statements.HotStatements`) is compiled here once
-for SQLite, and each execution goes straight to ``sqlite3``:
+statement: on the store's hot path (submit, lease, start, finish) it was most
+of a transaction's CPU (``bench/store_round.py`` runs a round both ways and
+by hand, for the floor). So a statement built once
+(:class:`~herder.store.statements.HotStatements`) is compiled here once for
+SQLite, and each execution goes straight to ``sqlite3``:
 
 - parameters are bound through the very processors SQLAlchemy would use
   (JSON columns encoded, ``None`` as JSON ``null`` where the column says so),
