@@ -3,7 +3,10 @@
 A B round trip (submit, run, result) crosses, in herder's design:
 
 - two SQLite transactions committed with ``synchronous=FULL`` (the submission
-  with its lease, then the result), each an fsync of the WAL;
+  with its lease, then the result), each an fsync of the WAL: measured as
+  ``bench/store_round.py``'s ``floor``, the statements of both written by
+  hand on herder's schema (its indexes decide how many pages each commit
+  writes); a one-row commit is shown too, for scale;
 - two TLS WebSocket round trips between Python processes on loopback
   (client and coordinator, coordinator and agent), with the libraries herder
   uses (``websockets`` on both ends here: uvicorn's server side costs more);
@@ -30,6 +33,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from store_round import floor_rounds
 
 from herder import certs
 
@@ -131,12 +136,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="herder-floor-") as tmp:
         parts = {
-            "commit_us": commit_us(Path(tmp), args.n),
+            "one_row_commit_us": commit_us(Path(tmp), args.n),
+            "store_two_transactions_us": asyncio.run(floor_rounds(Path(tmp) / "store.db", args.n))[
+                "wall_us"
+            ],
             "tls_websocket_round_trip_us": websocket_us(Path(tmp), args.n),
             "socketpair_round_trip_us": socketpair_us(args.n),
         }
     floor = (
-        2 * parts["commit_us"]
+        parts["store_two_transactions_us"]
         + 2 * parts["tls_websocket_round_trip_us"]
         + parts["socketpair_round_trip_us"]
     )
