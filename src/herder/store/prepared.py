@@ -99,7 +99,7 @@ class Prepared:
 
     def rows(self, raw: sqlite3.Connection, params: Mapping[str, Any]) -> list[Any]:
         """Run once; the rows it returns (SELECT, RETURNING), as named tuples."""
-        cursor = _run(raw, self.sql, self.bind(params))
+        cursor = run_sql(raw, self.sql, self.bind(params))
         if self._row is None:
             return []
         make, decoders = self._row._make, self._decoders  # type: ignore[attr-defined]
@@ -115,14 +115,11 @@ class Prepared:
 
     def run(self, raw: sqlite3.Connection, params: Mapping[str, Any]) -> int:
         """Run once; how many rows it changed."""
-        return _run(raw, self.sql, self.bind(params)).rowcount
+        return run_sql(raw, self.sql, self.bind(params)).rowcount
 
     def run_many(self, raw: sqlite3.Connection, params: Iterable[Mapping[str, Any]]) -> None:
         """Run once per parameter set, as one ``executemany``."""
-        try:
-            raw.executemany(self.sql, [self.bind(p) for p in params])
-        except sqlite3.Error as exc:
-            raise _wrapped(self.sql, exc) from exc
+        run_sql_many(raw, self.sql, [self.bind(p) for p in params])
 
 
 def driver_of(conn: Connection) -> sqlite3.Connection:
@@ -135,19 +132,16 @@ def driver_of(conn: Connection) -> sqlite3.Connection:
 
 def run_sql(raw: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
     """Run SQL text on the driver, its errors raised as SQLAlchemy raises them."""
-    return _run(raw, sql, params)
-
-
-def run_sql_many(raw: sqlite3.Connection, sql: str, params: Iterable[Sequence[Any]]) -> None:
     try:
-        raw.executemany(sql, params)
+        return raw.execute(sql, params)
     except sqlite3.Error as exc:
         raise _wrapped(sql, exc) from exc
 
 
-def _run(raw: sqlite3.Connection, sql: str, params: Sequence[Any]) -> sqlite3.Cursor:
+def run_sql_many(raw: sqlite3.Connection, sql: str, params: Iterable[Sequence[Any]]) -> None:
+    """``run_sql`` once per parameter set, as one ``executemany``."""
     try:
-        return raw.execute(sql, params)
+        raw.executemany(sql, params)
     except sqlite3.Error as exc:
         raise _wrapped(sql, exc) from exc
 
