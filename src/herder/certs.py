@@ -71,6 +71,7 @@ LEAF_DAYS = 825
 _OWN_LEAF_DAYS = 730
 _LEAF_RENEW_BEFORE = datetime.timedelta(days=30)
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
+_SPKI_DER = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -215,23 +216,19 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 def _ensure_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """Load the CA, or create it if (and only if) ``ca.pem`` does not exist."""
     if files.ca_cert.exists():
-        ca_cert = _read_certificates(files.ca_cert)[0]
         if not files.ca_key.exists():
             raise SecurityError(
                 f"CA key {files.ca_key} is missing but {files.ca_cert} exists; "
                 "refusing to replace a CA that join tokens already name",
                 path=files.ca_key,
             )
-        ca_key = _load_key(files.ca_key)
-        if _public_der(ca_key) != _public_der(ca_cert.public_key()):
-            raise SecurityError(
-                f"CA key {files.ca_key} does not belong to {files.ca_cert}", path=files.ca_key
-            )
-        return ca_cert, ca_key
+        ca_cert, key = _load_pair(files.ca_cert, files.ca_key)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise SecurityError(f"key file {files.ca_key} is not an EC private key")
+        return ca_cert, key
     ca_cert, ca_key = build_ca(f"herder CA {secrets.token_hex(4)}", days=CA_DAYS)
-    # Key first: a crash in between leaves no ca.pem, so the next start simply retries.
-    security.write_atomic(files.ca_key, _private_pem(ca_key), 0o600)
-    security.write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    # key first (_write_pair): a crash in between leaves no ca.pem, so the next start retries
+    _write_pair(files.ca_cert, files.ca_key, ca_cert, ca_key)
     return ca_cert, ca_key
 
 
@@ -279,10 +276,9 @@ def _write_leaf(
         names=names,
         days=_OWN_LEAF_DAYS,
     )
-    # Key first: a crash in between leaves a key that does not match cert.pem,
-    # which _leaf_fits notices, so the next start issues a fresh pair.
-    security.write_atomic(files.key, _private_pem(key), 0o600)
-    security.write_atomic(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    # key first (_write_pair): a crash in between leaves a key that does not match
+    # cert.pem, which _leaf_fits notices, so the next start issues a fresh pair
+    _write_pair(files.cert, files.key, cert, key)
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -307,9 +303,7 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _public_der(key: ec.EllipticCurvePrivateKey | CertificatePublicKeyTypes) -> bytes:
     public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return public.public_bytes(*_SPKI_DER)
 
 
 def _now() -> datetime.datetime:
@@ -479,9 +473,7 @@ def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, Priva
         raise SecurityError(
             f"{key_path} is not an unencrypted PEM private key", path=key_path
         ) from exc
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, public) != cert.public_key().public_bytes(der, public):
+    if key.public_key().public_bytes(*_SPKI_DER) != cert.public_key().public_bytes(*_SPKI_DER):
         raise SecurityError(f"key {key_path} does not belong to {cert_path}", path=key_path)
     return cert, key
 
