@@ -1,9 +1,11 @@
 """Certificates: the coordinator's own CA, the sets of ``herder certs``, the server side of TLS.
 
 This is the one module that loads the X.509 library (``cryptography``); it
-makes and checks certificates, so only the coordinator and ``herder certs``
-import it. Agents and clients only pin a CA by fingerprint and load it into
-an ``ssl`` context (:mod:`herder.security`, standard library only).
+makes and checks certificates, and only ``herder certs`` and a short-lived
+child of ``herder up`` (``python -m herder.certs``, see :mod:`herder.tls_setup`
+and :func:`main`) import it. The coordinator, its agents and clients only
+pin a CA by fingerprint and load files into an ``ssl`` context
+(:mod:`herder.security`, standard library only).
 
 By default the coordinator makes its own CA (:func:`ensure_tls`) and nobody
 has to think about certificates. Some sites want to hold the CA
@@ -21,21 +23,20 @@ writes such a set with this module:
 Keys are written 0600, atomically. :func:`served_tls` checks files a user
 gives ``herder up --tls-cert/--tls-key/--tls-ca`` (the key belongs to the
 certificate, the CA signed it, nobody else can read the key) before the
-coordinator serves with them, and :func:`server_context` makes the server's
-TLS context: client certificates are asked for (``CERT_OPTIONAL``) only with
-mutual TLS on, so that REST clients and browsers without one still connect.
+coordinator serves with them.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import re
 import secrets
 import socket
-import ssl
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -50,18 +51,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from herder import security
 from herder.errors import SecurityError
+from herder.security import ServedTls
 
 __all__ = [
-    "ServedTls",
     "TlsFiles",
     "build_ca",
     "build_leaf",
-    "ca_pem",
     "ensure_tls",
     "issue_agent",
     "issue_server",
+    "main",
     "served_tls",
-    "server_context",
     "write_ca",
 ]
 
@@ -73,16 +73,6 @@ _LEAF_RENEW_BEFORE = datetime.timedelta(days=30)
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
 _SPKI_DER = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-@dataclass(frozen=True)
-class ServedTls:
-    """What the coordinator serves with: its certificate and key, and the CA that
-    signed it (the one join tokens pin, and client certificates are checked against)."""
-
-    ca_cert: Path
-    cert: Path
-    key: Path
 
 
 # --------------------------------------------------------------------------- the coordinator's own
@@ -430,24 +420,6 @@ def served_tls(cert: Path, key: Path, ca: Path) -> ServedTls:
     return ServedTls(ca_cert=ca, cert=cert, key=key)
 
 
-def server_context(tls: ServedTls, *, client_certs: bool) -> ssl.SSLContext:
-    """The coordinator's TLS context; with ``client_certs`` it asks each client for a
-    certificate signed by the CA (optional at this level: the agent route insists)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.cert), str(tls.key))
-    if client_certs:
-        context.verify_mode = ssl.CERT_OPTIONAL
-        context.verify_flags |= ssl.VERIFY_X509_STRICT
-        context.load_verify_locations(cadata=ca_pem(tls).decode("ascii"))
-    return context
-
-
-def ca_pem(tls: ServedTls) -> bytes:
-    """The CA certificate alone, as PEM: what ``/v1/ca`` serves and tokens pin."""
-    return _read_certificates(tls.ca_cert)[0].public_bytes(serialization.Encoding.PEM)
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -484,3 +456,34 @@ def _write_pair(
     # key first: a crash in between leaves a key with no certificate, never the reverse
     security.write_atomic(key_path, _private_pem(key), 0o600)
     security.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+# --------------------------------------------------------------------------- the child of herder up
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m herder.certs own DIR HOST...`` or ``... given CERT KEY CA``: settle
+    what the coordinator serves with (:func:`ensure_tls`, :func:`served_tls`) and
+    print its three paths as JSON; a refusal goes to stderr, exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(args) >= 2 and args[0] == "own":
+            own = ensure_tls(Path(args[1]), args[2:])
+            served = ServedTls(ca_cert=own.ca_cert, cert=own.cert, key=own.key)
+        elif len(args) == 4 and args[0] == "given":
+            served = served_tls(Path(args[1]), Path(args[2]), Path(args[3]))
+        else:
+            print(
+                "usage: python -m herder.certs own DIR [HOST...] | given CERT KEY CA",
+                file=sys.stderr,
+            )
+            return 2
+    except (SecurityError, OSError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(json.dumps({k: str(v) for k, v in asdict(served).items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

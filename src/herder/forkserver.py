@@ -22,6 +22,7 @@ refuses to serve and exits, and the provider starts agents the slow way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -35,12 +36,13 @@ from typing import Any
 
 
 def _preload() -> Any:
-    """Import what an agent runs, so that a fork has nothing left to import."""
+    """Import what an agent runs, and build the CLI, so that a fork has nothing left to do
+    but run it."""
     import herder.agent.agent
     import herder.cli
     import herder.security
 
-    return herder.cli.main
+    return functools.partial(herder.cli.main, herder.cli.built_command())
 
 
 def _child(request: dict[str, Any], server: socket.socket, cli_main: Any) -> None:

@@ -120,7 +120,7 @@ class LocalHerd:
                 state = json.loads(self.state_path.read_text())
                 if self.process is None or state["pid"] == self.process.pid:
                     return str(state["url"])
-            time.sleep(0.02)
+            time.sleep(0.005)  # a cheap look at a small file; every ms counts at cold start
         raise HerderError(f"the coordinator was not ready within {timeout}s")
 
     def wait_nodes(self, count: int | None = None, timeout: float = 30.0) -> None:

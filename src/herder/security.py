@@ -44,6 +44,7 @@ __all__ = [
     "NONCE_BYTES",
     "SECRET_BYTES",
     "JoinToken",
+    "ServedTls",
     "agent_proof",
     "agent_token_secret",
     "bearer_matches",
@@ -57,6 +58,8 @@ __all__ = [
     "new_nonce",
     "pairing_key",
     "proofs_equal",
+    "served_ca_pem",
+    "server_context",
 ]
 
 SECRET_BYTES = 32
@@ -538,6 +541,42 @@ def client_ssl_context(
                 f"cannot use client certificate {cert} with key {key}: {exc}", path=cert
             ) from exc
     return context
+
+
+@dataclass(frozen=True)
+class ServedTls:
+    """What the coordinator serves with: its certificate and key, and the CA that
+    signed it (the one join tokens pin, and client certificates are checked against).
+
+    Made or checked by :mod:`herder.certs` in a process of its own
+    (:mod:`herder.tls_setup`); serving needs only these files and ``ssl``.
+    """
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def server_context(tls: ServedTls, *, client_certs: bool) -> ssl.SSLContext:
+    """The coordinator's TLS context; with ``client_certs`` it asks each client for a
+    certificate signed by the CA (optional at this level: the agent route insists)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    if client_certs:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.verify_flags |= ssl.VERIFY_X509_STRICT
+        context.load_verify_locations(cadata=served_ca_pem(tls).decode("ascii"))
+    return context
+
+
+def served_ca_pem(tls: ServedTls) -> bytes:
+    """The CA certificate alone, as PEM: what ``/v1/ca`` serves and tokens pin."""
+    try:
+        pem = tls.ca_cert.read_bytes()
+    except OSError as exc:
+        raise SecurityError(f"cannot read the CA certificate {tls.ca_cert}: {exc}") from exc
+    return ssl.DER_cert_to_PEM_cert(first_certificate_der(pem, tls.ca_cert)).encode("ascii")
 
 
 def fetch_pinned_ca(url: str, fingerprint: bytes, timeout: float = 10.0) -> bytes:

@@ -15,6 +15,7 @@ from herder import certs, security
 from herder.config import load_settings
 from herder.coordinator.pairing import RefusalLog
 from herder.errors import ConfigError, SecurityError
+from herder.tls_setup import TlsSetup
 
 
 @pytest.fixture
@@ -56,9 +57,9 @@ def test_bad_names_are_refused_naming_the_field(tmp_path: Path) -> None:
 
 def test_served_files_are_checked(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     served = certs.served_tls(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    context = certs.server_context(served, client_certs=True)
+    context = security.server_context(served, client_certs=True)
     assert context.verify_mode == ssl.CERT_OPTIONAL
-    assert certs.server_context(served, client_certs=False).verify_mode == ssl.CERT_NONE
+    assert security.server_context(served, client_certs=False).verify_mode == ssl.CERT_NONE
     other = tmp_path_factory.mktemp("other")
     certs.write_ca(other)
     with pytest.raises(SecurityError, match="not signed by the CA"):
@@ -76,6 +77,27 @@ def test_served_files_are_checked(pki: Path, tmp_path_factory: pytest.TempPathFa
     loose.chmod(0o644)
     with pytest.raises(SecurityError, match="chmod 600"):
         certs.served_tls(pki / "server.pem", loose, pki / "ca.pem")
+
+
+def test_the_coordinators_files_are_settled_by_a_child_process(pki: Path, tmp_path: Path) -> None:
+    """herder.tls_setup runs ``python -m herder.certs``: its own CA (made once, then
+    kept), a user's files checked, and a refusal's reason carried back word for word."""
+    own = TlsSetup.own(tmp_path / "tls", ["127.0.0.1"]).result()
+    assert own.ca_cert == tmp_path / "tls" / "ca.pem"
+    assert own.key.stat().st_mode & 0o777 == 0o600
+    pem = security.served_ca_pem(own)
+    assert security.ca_fingerprint(pem) == security.ca_fingerprint(own.ca_cert.read_bytes())
+    assert security.server_context(own, client_certs=False).verify_mode == ssl.CERT_NONE
+    again = TlsSetup.own(tmp_path / "tls", ["127.0.0.1"]).result()
+    assert security.served_ca_pem(again) == pem  # the CA join tokens pin is kept
+
+    given = TlsSetup.given(pki / "server.pem", pki / "server.key", pki / "ca.pem").result()
+    assert given.cert == pki / "server.pem"
+    with pytest.raises(SecurityError, match=r"agent-node-1.key does not belong to .*server.pem"):
+        TlsSetup.given(pki / "server.pem", pki / "agent-node-1.key", pki / "ca.pem").result()
+    (tmp_path / "tls" / "ca.key").unlink()
+    with pytest.raises(SecurityError, match="refusing to replace a CA"):
+        TlsSetup.own(tmp_path / "tls", ["127.0.0.1"]).result()
 
 
 def test_agent_token_keys_differ_by_token_and_from_the_cluster_secret() -> None:

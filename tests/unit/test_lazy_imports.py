@@ -1,15 +1,15 @@
 """A coordinator on SQLite loads only what it uses: every start pays for each import
 (issue 11's cold start and memory figures), so the PostgreSQL driver, Alembic, the
 ORM and httpx wait until a PostgreSQL store, an upgrade or a tracker needs them.
-Agents and clients leave out the X.509 library too: only the coordinator makes
-certificates."""
+None of them loads the X.509 library: certificates are made and checked by a
+short-lived child (``python -m herder.certs``, herder.tls_setup)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-NOT_AT_START = ("alembic", "asyncpg", "httpx", "sqlalchemy.orm")
+NOT_AT_START = ("alembic", "asyncpg", "httpx", "sqlalchemy.orm", "cryptography")
 AGENT_NOT_AT_START = ("httpx", "herder.dataclient", "sqlalchemy", "fastapi", "cryptography")
 # A client and an agent pin a CA by fingerprint and load it into ``ssl``: they never
 # make or parse certificates, so the X.509 library (~10 MB, 0.1 s) stays out.
@@ -28,7 +28,10 @@ def _loaded_after(imports: str, modules: tuple[str, ...]) -> str:
 
 
 def test_the_coordinators_modules_leave_the_optional_ones_unloaded() -> None:
-    imports = "herder.coordinator.app, herder.coordinator.service, herder.store.sql"
+    imports = (
+        "herder.cli, herder.coordinator.app, herder.coordinator.service, herder.store.sql, "
+        "herder.tls_setup"
+    )
     assert _loaded_after(imports, NOT_AT_START) == "[]"
 
 

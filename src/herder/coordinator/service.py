@@ -27,7 +27,7 @@ from typing import Any
 import uvicorn
 from fastapi import WebSocket
 
-from herder import certs, protocol, security
+from herder import protocol, security
 from herder.config import Settings
 from herder.datastore import Datastore
 from herder.discovery import DiscoveryOptions
@@ -54,6 +54,7 @@ from herder.selector import Facts, parse_key
 from herder.store.base import Changes, Claimed, ClaimRequest, Final, Submission, TaskResult
 from herder.store.cluster import leader_lock
 from herder.store.sql import SqlStore
+from herder.tls_setup import TlsSetup
 
 from .auth import Authenticator, Principal
 from .bus import Bus
@@ -105,14 +106,15 @@ class Coordinator:
         *,
         herd: Herd | None = None,
         discovery: DiscoveryOptions | None = None,
+        tls: TlsSetup | None = None,
     ) -> None:
         self.settings = settings
         # Off unless asked (``herder up`` asks by default): an embedded herd stays quiet.
         self.discovery = discovery or DiscoveryOptions(beacon=False)
         self.store = SqlStore(settings.store_url)
         self.secret = security.load_or_create_secret(settings.secret_path)
-        self.tls = _served_tls(settings)
-        self.ca_pem = certs.ca_pem(self.tls)
+        self.tls = (tls or TlsSetup.for_settings(settings)).result()
+        self.ca_pem = security.served_ca_pem(self.tls)
         self.fingerprint = security.ca_fingerprint(self.ca_pem)
         self.datastore = Datastore(settings.datastore, settings.datastore_options)
         self.releases = ReleaseCatalog(self.datastore, self.store)
@@ -151,7 +153,7 @@ class Coordinator:
         self._counts_lock = asyncio.Lock()
         self.connections = ConnectionCounter(settings.max_connections_per_source)
         self.tls_gate = TlsGate(
-            certs.server_context(self.tls, client_certs=settings.agent_mtls),
+            security.server_context(self.tls, client_certs=settings.agent_mtls),
             self.connections,
             settings.timeouts.tls_handshake_s,
         )
@@ -1315,14 +1317,6 @@ def _task_result(i: protocol.ResultItem) -> TaskResult:
         started_at=i.started_at,
         ended_at=i.ended_at,
     )
-
-
-def _served_tls(settings: Settings) -> certs.ServedTls:
-    """The user's own certificates when given (checked), else the coordinator's own CA."""
-    if settings.tls_cert is not None and settings.tls_key is not None and settings.tls_ca:
-        return certs.served_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    own = certs.ensure_tls(settings.tls_dir, [settings.listen_host])
-    return certs.ServedTls(ca_cert=own.ca_cert, cert=own.cert, key=own.key)
 
 
 def _host(ws: WebSocket) -> str:
