@@ -73,6 +73,15 @@ from herder.store.statements import ACTIVE, HotStatements, state_is
 
 log = logging.getLogger("herder.store")
 
+# A coordinator frozen in the middle of a transaction (SIGSTOP, a paused VM, a
+# partition that leaves its TCP connection open) would hold its row locks for as
+# long as PostgreSQL keeps the session: every other coordinator of the store then
+# waits on those rows (a node's row: pairing with it; the queue's: claims)
+# indefinitely. The server aborts a session left idle inside a transaction this
+# long, which lets the locks go; herder never pauses mid-transaction for
+# anything but the next statement, and an aborted turn is retried.
+_PG_SESSION_SETTINGS = {"idle_in_transaction_session_timeout": "3000"}  # ms
+
 T = TypeVar("T")
 _CHUNK = 2000  # bound on parameters in one IN (...) list
 # PostgreSQL: a prepared statement (asyncpg prepares all of them) runs on a
@@ -196,7 +205,12 @@ class SqlStore(Store):
             # here: SQLAlchemy's asyncio extension loads its ORM, which SQLite stores never use
             from sqlalchemy.ext.asyncio import create_async_engine
 
-            self._async_engine = create_async_engine(self._async_url, pool_size=8, max_overflow=8)
+            self._async_engine = create_async_engine(
+                self._async_url,
+                pool_size=8,
+                max_overflow=8,
+                connect_args={"server_settings": _PG_SESSION_SETTINGS},
+            )
 
     def _open_memory(self) -> None:
         """An in-memory SQLite database lives in one connection and dies with it.
