@@ -1,4 +1,4 @@
-"""Certificates: the coordinator's own CA, the sets of ``herder certs``, the server side of TLS.
+"""Certificates: the coordinator's own CA, the sets of ``herder certs``, a user's own checked.
 
 This is the one module that loads the X.509 library (``cryptography``); it
 makes and checks certificates, and only ``herder certs`` and a short-lived

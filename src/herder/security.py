@@ -12,11 +12,13 @@ loop, so that it can be read and tested on its own:
 * **The pairing handshake.** Coordinator and agent each send a nonce and each
   answer with an HMAC over both nonces; the two roles use different labels so
   that a proof can never be reflected back at the side that asked for it.
-* **TLS.** The coordinator makes its own CA and a leaf certificate
-  (:mod:`herder.certs`, the one module that loads the X.509 library). Clients
-  and agents trust only that CA, fetched once over an unverified channel and
-  accepted only if its SHA-256 fingerprint is the one the token names; they
-  need nothing but the standard library for it (:func:`pem_certificates`).
+* **TLS.** The coordinator has its own CA and a leaf certificate made by a
+  child process (:mod:`herder.certs`, the one module that loads the X.509
+  library; :mod:`herder.tls_setup`) and serves them with ``ssl`` alone
+  (:func:`server_context`). Clients and agents trust only that CA, fetched
+  once over an unverified channel and accepted only if its SHA-256
+  fingerprint is the one the token names; they need nothing but the standard
+  library for it (:func:`pem_certificates`).
 """
 
 from __future__ import annotations
