@@ -15,23 +15,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, RenderableType
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
 
 from herder.cli_certs import certs_command
 from herder.cli_data import data_app
@@ -40,6 +28,7 @@ from herder.cli_query import register_query_commands
 from herder.cli_release import release_app
 from herder.errors import HerderError
 from herder.providers.forks import ForkServer
+from herder.terminal import escape, job_progress, new_table, stderr_console, stdout_console
 
 app = typer.Typer(
     name="herder",
@@ -53,8 +42,6 @@ app.command("certs")(certs_command)
 app.add_typer(release_app, name="release")
 app.add_typer(db_app, name="db")
 register_query_commands(app)
-console = Console()
-err_console = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 HomeOpt = Annotated[
@@ -123,7 +110,7 @@ def _env(home: Path | None) -> dict[str, str]:
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
     # unwrapped and unmarked: a path or "tasks[7].priority" must come out whole
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    stderr_console().print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -288,7 +275,7 @@ def up(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, coord.stop)
         async with coord:
-            console.print(f"herder coordinator at [bold]{coord.url}[/bold]", highlight=False)
+            typer.echo(f"herder coordinator at {typer.style(coord.url, bold=True)}")
             # What is alive now (the imported libraries, the app: over 100,000 objects)
             # lives as long as the process; left to the collector, each full collection
             # walks it all and stalls every request for tens of milliseconds.
@@ -367,7 +354,7 @@ def down(
         time.sleep(0.1)
     if state.exists():
         raise _fail(f"the coordinator did not stop within {wait}s")
-    console.print("coordinator stopped")
+    typer.echo("coordinator stopped")
 
 
 token_app = typer.Typer(help="The join token, and API tokens with a role (create, ls, revoke).")
@@ -419,7 +406,7 @@ def token_ls(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table("id", "role", "name", "created", "expires", "revoked")
+    table = new_table("id", "role", "name", "created", "expires", "revoked")
     for t in rows:
         table.add_row(
             t["id"],
@@ -429,7 +416,7 @@ def token_ls(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             _when(t["expires_at"]) if t["expires_at"] else "never",
             _when(t["revoked_at"]) if t["revoked_at"] else "",
         )
-    console.print(table)
+    stdout_console().print(table)
 
 
 @token_app.command("revoke")
@@ -442,7 +429,7 @@ def token_revoke(
             herd.revoke_token(token_id)
         except HerderError as exc:
             raise _fail(str(exc)) from exc
-    console.print(f"revoked {token_id}")
+    stdout_console().print(f"revoked {token_id}")
 
 
 def _duration(text: str) -> float:
@@ -766,7 +753,7 @@ def tracker_command(
         host, port = split_host_port(listen)
     except HerderError as exc:
         raise _fail(str(exc)) from exc
-    console.print(f"herder tracker at [bold]http://{host}:{port}[/bold]", highlight=False)
+    stdout_console().print(f"herder tracker at [bold]http://{host}:{port}[/bold]", highlight=False)
     uvicorn.run(tracker_app(secret, ttl), host=host, port=port, log_level="warning")
 
 
@@ -839,18 +826,18 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(data)
         return
-    console.print(
+    stdout_console().print(
         f"coordinator [bold]{data['url']}[/bold] up {data['uptime_s']:.0f}s", highlight=False
     )
-    table = Table("tasks", "count")
+    table = new_table("tasks", "count")
     for state, n in sorted(data["counts"].items()):
         table.add_row(state, str(n))
-    console.print(table)
+    stdout_console().print(table)
     nodes = ", ".join(f"{n} {s}" for s, n in sorted(data["nodes"].items())) or "none"
-    console.print(f"nodes: {nodes}; {data['agents']} connected")
+    stdout_console().print(f"nodes: {nodes}; {data['agents']} connected")
     if data.get("leader"):  # several coordinators may share the store: who runs the fleet
-        console.print(f"fleet leader: {data['leader']['url']}", highlight=False)
-    console.print(f"throughput: {data['throughput']:.1f} tasks/s (last 10 s)")
+        stdout_console().print(f"fleet leader: {data['leader']['url']}", highlight=False)
+    stdout_console().print(f"throughput: {data['throughput']:.1f} tasks/s (last 10 s)")
 
 
 @app.command()
@@ -861,7 +848,7 @@ def nodes(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table("id", "state", "provider", "address", "slots", "running", "labels", "reason")
+    table = new_table("id", "state", "provider", "address", "slots", "running", "labels", "reason")
     for n in rows:
         labels = ",".join(f"{k}={v}" for k, v in n["labels"].items())
         table.add_row(
@@ -874,7 +861,7 @@ def nodes(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             labels,
             n["reason"] or "",
         )
-    console.print(table)
+    stdout_console().print(table)
 
 
 @app.command()
@@ -890,7 +877,7 @@ def scale(
             target = herd.scale(None if count == "auto" else int(count))
         except HerderError as exc:
             raise _fail(str(exc)) from exc
-    console.print("autoscaling" if target is None else f"keeping {target} nodes")
+    stdout_console().print("autoscaling" if target is None else f"keeping {target} nodes")
 
 
 @app.command()
@@ -901,7 +888,7 @@ def drain(node: Annotated[str, typer.Argument(help="Node id.")], home: HomeOpt =
             herd.drain(node)
         except HerderError as exc:
             raise _fail(str(exc)) from exc
-    console.print(f"{node} draining")
+    stdout_console().print(f"{node} draining")
 
 
 @agent_app.command("pause")
@@ -927,7 +914,7 @@ def _set_available(node: str, available: bool, home: Path | None) -> None:
             herd.set_available(node, available)
         except HerderError as exc:
             raise _fail(str(exc)) from exc
-    console.print(f"{node} {'available' if available else 'paused'}")
+    stdout_console().print(f"{node} {'available' if available else 'paused'}")
 
 
 @app.command()
@@ -938,7 +925,7 @@ def terminate(node: Annotated[str, typer.Argument(help="Node id.")], home: HomeO
             herd.terminate(node)
         except HerderError as exc:
             raise _fail(str(exc)) from exc
-    console.print(f"{node} terminated")
+    stdout_console().print(f"{node} terminated")
 
 
 @app.command()
@@ -983,7 +970,7 @@ def tasks(
     if as_json:
         _print_json(rows)
         return
-    table = Table("id", "name", "state", "attempt", "node", "reason")
+    table = new_table("id", "name", "state", "attempt", "node", "reason")
     for t in rows:
         table.add_row(
             t["id"],
@@ -993,7 +980,7 @@ def tasks(
             t["node_id"] or "",
             t["reason"] or "",
         )
-    console.print(table)
+    stdout_console().print(table)
 
 
 @app.command()
@@ -1011,7 +998,7 @@ def services(
     if as_json:
         _print_json(rows)
         return
-    table = Table("id", "name", "state", "node", "restarts", "up", "health", "last exit")
+    table = new_table("id", "name", "state", "node", "restarts", "up", "health", "last exit")
     now = time.time()
     for s in rows:
         table.add_row(
@@ -1024,7 +1011,7 @@ def services(
             _health_text(s["health"], now),
             _exit_text(s["last_exit"]),
         )
-    console.print(table)
+    stdout_console().print(table)
 
 
 def _service_state(service: dict[str, Any], now: float) -> str:
@@ -1092,7 +1079,7 @@ def task_detail(
         _print_json(data)
         return
     t = data["task"]
-    console.print(
+    stdout_console().print(
         f"[bold]{t['id']}[/bold] {t['name'] or ''} — {t['state']}"
         + (f" ({t['reason']})" if t["reason"] else ""),
         highlight=False,
@@ -1101,12 +1088,12 @@ def task_detail(
         runs = f"service, {t['restarts']} restarts"
     else:
         runs = f"attempt {t['attempt']}/{t['max_attempts']}"
-    console.print(f"job {t['job_id']}, kind {t['kind']}, {runs}, priority {t['priority']}")
+    stdout_console().print(f"job {t['job_id']}, kind {t['kind']}, {runs}, priority {t['priority']}")
     if t["command"]:
-        console.print(f"run: {t['command']['run']!r}", highlight=False)
+        stdout_console().print(f"run: {t['command']['run']!r}", highlight=False)
     if t["depends_on"]:
-        console.print(f"depends on: {', '.join(t['depends_on'])}")
-    table = Table("when", "what", "node", "lease")
+        stdout_console().print(f"depends on: {', '.join(t['depends_on'])}")
+    table = new_table("when", "what", "node", "lease")
     table.add_row(_when(t["created_at"]), "submitted", "", "")
     for a in data["attempts"]:
         table.add_row(
@@ -1131,28 +1118,28 @@ def task_detail(
             )
     for e in data["events"]:
         table.add_row(_when(e["at"]), e["action"], e["node_id"] or "", e["lease_id"] or "")
-    console.print(table)
+    stdout_console().print(table)
     if t["error"]:
-        console.print(
+        stdout_console().print(
             f"[red]{t['error'].get('type', 'error')}[/red]: {t['error'].get('message', '')}",
             highlight=False,
         )
         if t["error"].get("traceback"):
-            console.print(t["error"]["traceback"], highlight=False, markup=False)
+            stdout_console().print(t["error"]["traceback"], highlight=False, markup=False)
     if data.get("progress"):
         p = data["progress"]
-        console.print(
+        stdout_console().print(
             f"progress {p['fraction'] * 100:.0f}% {p['message']}".rstrip(), highlight=False
         )
     for stream, text in (data.get("live") or {}).items():
-        console.print(f"--- {stream} (live, still running) ---")
-        console.print(text, highlight=False, markup=False, end="")
+        stdout_console().print(f"--- {stream} (live, still running) ---")
+        stdout_console().print(text, highlight=False, markup=False, end="")
     if t["output"]:
-        console.print(f"exit code {t['output'].get('returncode')}")
+        stdout_console().print(f"exit code {t['output'].get('returncode')}")
         for stream in ("stdout_tail", "stderr_tail"):
             if t["output"].get(stream):
-                console.print(f"--- {stream.split('_')[0]} (tail) ---")
-                console.print(t["output"][stream], highlight=False, markup=False, end="")
+                stdout_console().print(f"--- {stream.split('_')[0]} (tail) ---")
+                stdout_console().print(t["output"][stream], highlight=False, markup=False, end="")
 
 
 def _rerun_here(herd: Any, task: dict[str, Any]) -> int:
@@ -1173,19 +1160,19 @@ def _rerun_here(herd: Any, task: dict[str, Any]) -> int:
         scratch_root=Path(tempfile.mkdtemp(prefix="herder-rerun-")),
         data=herd.data,
         timeout_s=task["timeout_s"],
-        echo=lambda line: console.print(line, highlight=False, markup=False),
+        echo=lambda line: stdout_console().print(line, highlight=False, markup=False),
         upload=False,
     )
     out = run_command_task(command, ctx)
     for stream in ("stdout_tail", "stderr_tail"):
         if out["output"].get(stream):
-            console.print(f"--- {stream.split('_')[0]} (tail) ---")
-            console.print(out["output"][stream], highlight=False, markup=False, end="")
-    console.print(f"scratch kept in {out['output']['scratch']}", highlight=False)
+            stdout_console().print(f"--- {stream.split('_')[0]} (tail) ---")
+            stdout_console().print(out["output"][stream], highlight=False, markup=False, end="")
+    stdout_console().print(f"scratch kept in {out['output']['scratch']}", highlight=False)
     if out["state"] == "succeeded":
-        console.print("[green]succeeded[/green]")
+        stdout_console().print("[green]succeeded[/green]")
         return 0
-    console.print(f"[red]failed[/red]: {out['error']['message']}", highlight=False)
+    stdout_console().print(f"[red]failed[/red]: {out['error']['message']}", highlight=False)
     return 1
 
 
@@ -1206,7 +1193,7 @@ def push(file: Path, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(pushed)
     else:
-        console.print(
+        stdout_console().print(
             f"job [bold]{pushed['job_id']}[/bold]: {pushed['tasks']} tasks pushed", highlight=False
         )
 
@@ -1228,7 +1215,7 @@ def wait(
     if as_json:
         _print_json(summary)
     else:
-        console.print(f"job {job}: {_state_counts(summary['counts'])}", highlight=False)
+        stdout_console().print(f"job {job}: {_state_counts(summary['counts'])}", highlight=False)
     if summary["failed"]:
         raise typer.Exit(1)
 
@@ -1243,27 +1230,9 @@ def _state_counts(counts: dict[str, int]) -> str:
     return " · ".join(f"{s} {counts[s]}" for s in known + other) or "no tasks"
 
 
-class _JobProgress(Progress):
-    """The bar with elapsed time and ETA, and the counts by state on the line below."""
-
-    def get_renderables(self) -> Iterable[RenderableType]:
-        yield self.make_tasks_table(self.tasks)
-        for task in self.tasks:
-            yield Text("  " + str(task.fields.get("counts", "")))
-
-
 def _watch_job(herd: Any, job: str, *, quiet: bool) -> dict[str, Any]:
     """Poll the job's summary (one query per refresh) until it is finished."""
-    with _JobProgress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),  # from the completion rate of the last 30 s
-        console=err_console,
-        disable=quiet,
-    ) as progress:
+    with job_progress(quiet=quiet) as progress:
         bar = progress.add_task(job, total=None, counts="")
         while True:
             try:
@@ -1308,7 +1277,7 @@ def results(
         _print_json(got)
         return
     total = sum(g["size"] for g in got)
-    console.print(f"{len(got)} outputs, {total:,} bytes, in {out}", highlight=False)
+    stdout_console().print(f"{len(got)} outputs, {total:,} bytes, in {out}", highlight=False)
 
 
 @app.command()
@@ -1328,7 +1297,7 @@ def cancel(
     if as_json:
         _print_json({"cancelled": cancelled})
     else:
-        console.print(f"{len(cancelled)} tasks cancelled")
+        stdout_console().print(f"{len(cancelled)} tasks cancelled")
 
 
 def main(command: Callable[[], Any] | None = None) -> None:

@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from herder.errors import HerderError
-
-console = Console()
-err_console = Console(stderr=True)
+from herder.terminal import stderr_console, stdout_console
 
 
 def certs_command(
@@ -50,9 +47,9 @@ def certs_command(
         for name in agent or []:
             written += issue_agent(directory, name)
     except HerderError as exc:
-        err_console.print(f"herder certs: {exc}", style="red", highlight=False)
+        stderr_console().print(f"herder certs: {exc}", style="red", highlight=False)
         raise typer.Exit(1) from exc
     for path in written:
         print(path)
     fingerprint = fingerprint_hex(ca_fingerprint(ca_cert.read_bytes()))
-    console.print(f"CA fingerprint {fingerprint}.. (join tokens pin it)", highlight=False)
+    stdout_console().print(f"CA fingerprint {fingerprint}.. (join tokens pin it)", highlight=False)

@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from herder.cli_release import HomeOpt, JsonOpt, connected
+from herder.terminal import new_table, stdout_console
 
 if TYPE_CHECKING:
     pass
 
 T = TypeVar("T")
-console = Console()
 
 REPORT_TASKS = 20_000  # finished tasks a report reads (the slowest and the failures among them)
 
@@ -48,7 +46,7 @@ def executors(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table("node", "state", "slots", "cpu", "mem", "running", "labels")
+    table = new_table("node", "state", "slots", "cpu", "mem", "running", "labels")
     for n in rows:
         t = n["telemetry"] or {}
         table.add_row(
@@ -61,7 +59,7 @@ def executors(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             + (f" +{len(n['running']) - 3}" if len(n["running"]) > 3 else ""),
             ",".join(f"{k}={v}" for k, v in n["labels"].items()),
         )
-    console.print(table)
+    stdout_console().print(table)
 
 
 def usage(
@@ -75,7 +73,7 @@ def usage(
     if as_json:
         _print_json(data)
         return
-    table = Table("node", "cpu now", "cpu avg", "cpu max", "mem now", "net in/out now")
+    table = new_table("node", "cpu now", "cpu avg", "cpu max", "mem now", "net in/out now")
     rows = [*data["nodes"].items(), ("total", data["total"])]
     for node, u in rows:
         now, avg, peak = u.get("now", {}), u.get("avg", {}), u.get("max", {})
@@ -87,7 +85,7 @@ def usage(
             _pct(now.get("memory_percent")),
             f"{_rate(now.get('net_recv_bps'))} / {_rate(now.get('net_sent_bps'))}",
         )
-    console.print(table)
+    stdout_console().print(table)
 
 
 def logs(

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from herder.errors import HerderError
+from herder.terminal import new_table, stdout_console
 
 if TYPE_CHECKING:
     from herder.client import Client
@@ -30,7 +29,6 @@ release_app = typer.Typer(
     help="Build, list, remove and roll out releases (code and its dependencies).",
     no_args_is_help=True,
 )
-console = Console()
 
 HomeOpt = Annotated[
     Path | None, typer.Option("--home", envvar="HERDER_HOME", help="The herder home directory.")
@@ -127,7 +125,7 @@ def list_releases(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(json.dumps(releases, indent=2))
         return
-    table = Table()
+    table = new_table()
     for column in ("id", "kind", "files", "size", "created"):
         table.add_column(column, no_wrap=True)
     table.add_column("source", overflow="fold")
@@ -142,7 +140,7 @@ def list_releases(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             r["source"],
             ", ".join(r["requirements"]) or "-",
         )
-    console.print(table)
+    stdout_console().print(table)
 
 
 @release_app.command("show")
@@ -187,7 +185,7 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         return
     fleet = state["fleet_release"]
     typer.echo(f"fleet release: {fleet or 'none'}")
-    table = Table()
+    table = new_table()
     table.add_column("node", no_wrap=True)
     table.add_column("fleet release", no_wrap=True)
     table.add_column("installed", overflow="fold")
@@ -200,7 +198,7 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             ", ".join(node["installed"]) or "-",
             ", ".join(node["loading"]) or "-",
         )
-    console.print(table)
+    stdout_console().print(table)
 
 
 def _size(n: int) -> str:

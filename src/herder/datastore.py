@@ -3,9 +3,10 @@
 Two halves, one vocabulary (keys, :class:`ObjectInfo`, the errors under
 :class:`~herder.errors.DatastoreError`):
 
-* :class:`Datastore` lives inside the coordinator and talks to storage through
-  fsspec: ``file://`` (the default, ``<home>/data``) or ``s3://bucket/prefix``
-  (s3fs). It is synchronous; the coordinator runs it in worker threads.
+* :class:`Datastore` lives inside the coordinator and talks to storage:
+  ``file://`` (the default, ``<home>/data``) through ``os``, or
+  ``s3://bucket/prefix`` through fsspec and s3fs. It is synchronous; the
+  coordinator runs it in worker threads.
 * :class:`~herder.dataclient.DataClient` is what everyone else uses (the
   Python client, the CLI, workers on other machines). It talks only to the
   coordinator, over HTTPS, and verifies every byte it fetches against the
@@ -44,15 +45,17 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-import fsspec  # type: ignore[import-untyped]
+if TYPE_CHECKING:
+    import fsspec  # type: ignore[import-untyped]
 
 from herder.errors import (
     BadKey,
@@ -249,14 +252,13 @@ class _Upload:
 
 
 class _Backend:
-    """The few storage operations the datastore needs; paths are full fs paths."""
+    """The few storage operations the datastore needs; paths are full paths under ``root``."""
 
     transient: tuple[type[BaseException], ...] = ()
     failures: tuple[type[BaseException], ...] = (OSError,)
     chunk = CHUNK
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
-        self.fs = fs
+    def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
 
     def path(self, *parts: str) -> str:
@@ -264,34 +266,13 @@ class _Backend:
 
     def size(self, path: str) -> int | None:
         """The size of the object at ``path``, or None if there is none."""
-        try:
-            info = self.fs.info(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if info.get("type") != "file":
-            return None
-        return int(info["size"])
+        raise NotImplementedError
 
     def read_small(self, path: str) -> bytes | None:
-        try:
-            data: bytes = self.fs.cat_file(path)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        return data
+        raise NotImplementedError
 
     def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
-        if not paths:
-            return {}
-        found = self.fs.cat(paths, on_error="return")
-        out: dict[str, bytes | None] = {}
-        for path in paths:
-            value = found.get(path) if isinstance(found, dict) else None
-            if isinstance(value, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
-                value = None
-            elif isinstance(value, BaseException):
-                raise value
-            out[path] = value
-        return out
+        return {path: self.read_small(path) for path in paths}
 
     def write_small(self, path: str, data: bytes) -> None:
         raise NotImplementedError
@@ -303,16 +284,12 @@ class _Backend:
         raise NotImplementedError
 
     def files(self, directory: str) -> list[str]:
-        """Every object path under ``directory`` (recursively); empty if it does not exist."""
-        try:
-            found = self.fs.find(directory, withdirs=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return [str(p) for p in found]
+        """Every object path under ``directory`` (recursively, sorted); empty if it does
+        not exist."""
+        raise NotImplementedError
 
     def remove(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            self.fs.rm_file(path)
+        raise NotImplementedError
 
 
 class _LocalUpload(_Upload):
@@ -345,12 +322,14 @@ class _LocalUpload(_Upload):
 class _LocalBackend(_Backend):
     """``file://``: temporary file in ``.herder-tmp``, fsync, then ``os.replace``.
 
-    fsspec's local ``mv`` is ``shutil.move``, which moves *into* a directory
-    that happens to have the key's name; ``os.replace`` is atomic and refuses.
+    Plain ``os`` calls, not fsspec's local filesystem: its ``mv`` is
+    ``shutil.move``, which moves *into* a directory that happens to have the
+    key's name (``os.replace`` is atomic and refuses), and importing fsspec is
+    4 MB of every coordinator's memory that only S3 needs.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
-        super().__init__(fs, root)
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
         os.makedirs(self.root, exist_ok=True)
         self._sweep()
 
@@ -397,6 +376,30 @@ class _LocalBackend(_Backend):
             raise
         return size, file
 
+    def size(self, path: str) -> int | None:
+        try:
+            info = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+    def read_small(self, path: str) -> bytes | None:
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def files(self, directory: str) -> list[str]:
+        found: list[str] = []
+        for parent, _dirs, names in os.walk(directory):
+            found.extend(f"{parent}/{name}" for name in names)
+        return sorted(found)
+
+    def remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(path)
+
 
 class _S3Upload(_Upload):
     """An s3fs file opened with ``autocommit=False``: a multipart upload, invisible until
@@ -436,7 +439,8 @@ class _S3Backend(_Backend):
         import botocore.exceptions
         from fsspec.exceptions import FSTimeoutError  # type: ignore[import-untyped]
 
-        super().__init__(fs, root)
+        super().__init__(root)
+        self.fs = fs
         self.transient = (
             botocore.exceptions.ConnectionError,
             botocore.exceptions.HTTPClientError,
@@ -445,6 +449,47 @@ class _S3Backend(_Backend):
             TimeoutError,
         )
         self.failures = (OSError, botocore.exceptions.BotoCoreError)
+
+    def size(self, path: str) -> int | None:
+        try:
+            info = self.fs.info(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if info.get("type") != "file":
+            return None
+        return int(info["size"])
+
+    def read_small(self, path: str) -> bytes | None:
+        try:
+            data: bytes = self.fs.cat_file(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return data
+
+    def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
+        if not paths:
+            return {}
+        found = self.fs.cat(paths, on_error="return")  # concurrent GETs
+        out: dict[str, bytes | None] = {}
+        for path in paths:
+            value = found.get(path) if isinstance(found, dict) else None
+            if isinstance(value, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+                value = None
+            elif isinstance(value, BaseException):
+                raise value
+            out[path] = value
+        return out
+
+    def files(self, directory: str) -> list[str]:
+        try:
+            found = self.fs.find(directory, withdirs=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [str(p) for p in found]
+
+    def remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            self.fs.rm_file(path)
 
     def write_small(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data)  # one PUT: atomic
@@ -457,6 +502,11 @@ class _S3Backend(_Backend):
         # replaced mid-read fails the read instead of splicing two versions.
         file: Any = self.fs.open(path, "rb", block_size=self.chunk, cache_type="none")
         return int(file.size), file
+
+
+def _local_root(url: str) -> str:
+    """The directory of a ``file://`` URL (or a bare path), made absolute."""
+    return os.path.abspath(url.removeprefix("file://"))
 
 
 def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -490,7 +540,7 @@ def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Datastore:
-    """Objects under keys in one fsspec location; used inside the coordinator.
+    """Objects under keys in one location; used inside the coordinator.
 
     ``Datastore("file:///srv/herder/data")`` or
     ``Datastore("s3://bucket/prefix", {"endpoint_url": "http://...", "key": ..., "secret": ...})``.
@@ -503,9 +553,16 @@ class Datastore:
         opts = dict(options or {})
         try:
             if scheme == "file":
-                fs, root = fsspec.core.url_to_fs(url, **opts)
-                self._backend: _Backend = _LocalBackend(fs, root)
+                if opts:
+                    raise ConfigError(
+                        f"datastore URL {url!r}: file:// takes no options "
+                        f"(given: {', '.join(sorted(opts))})",
+                        field="datastore_options",
+                    )
+                self._backend: _Backend = _LocalBackend(_local_root(url))
             elif scheme in ("s3", "s3a"):
+                import fsspec  # only S3 needs it
+
                 fs, root = fsspec.core.url_to_fs(url, **_s3_options(opts))
                 fs.retries = 3  # s3fs's own, for read timeouts mid-transfer
                 if not root.strip("/"):

@@ -65,12 +65,10 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import pydantic
-import yaml
 
 from herder import selector
 from herder.errors import TaskFileError
@@ -344,28 +342,6 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-try:
-    from yaml import CSafeLoader as _YamlBase
-except ImportError:  # PyYAML built without libyaml
-    from yaml import SafeLoader as _YamlBase  # type: ignore[assignment]
-
-
-class _YamlLoader(_YamlBase):
-    """The safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = (key_node.tag, key_node.value)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key '{key_node.value}' appears twice", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def _decode(text: str, fmt: str, source: str) -> object:
     if fmt == "toml":
         try:
@@ -390,8 +366,12 @@ def _decode(text: str, fmt: str, source: str) -> object:
         except RecursionError as exc:
             raise _file_error(source, "invalid JSON: nested too deeply") from exc
     if fmt == "yaml":
+        import yaml  # only YAML files need PyYAML (1 MB and 10 ms of a coordinator's start)
+
+        from herder.yaml_load import UniqueKeyLoader
+
         try:
-            return yaml.load(text, Loader=_YamlLoader)  # a safe loader
+            return yaml.load(text, Loader=UniqueKeyLoader)  # a safe loader
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             problem = exc.problem or exc.context or "syntax error"

@@ -14,8 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from herder.client import Client
 from herder.local import LocalHerd
@@ -61,3 +63,27 @@ def test_a_committed_batch_is_not_kept(idle_herd: tuple[LocalHerd, Client]) -> N
         f"the coordinator grew {after - before:.1f} MB after a batch of {TASKS} tasks "
         "was committed: something still holds it"
     )
+
+
+def _watched(herd: LocalHerd, client: Client) -> float:
+    """The coordinator's ``herder_watched_tasks`` gauge (refreshed at most every 2 s)."""
+    headers = {"authorization": client.aio.http.headers["authorization"]}
+    text = httpx.get(f"{herd.url}/metrics", headers=headers, verify=False).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "herder_watched_tasks":
+                return sample.value
+    raise AssertionError("no herder_watched_tasks in /metrics")
+
+
+def test_a_closed_session_leaves_no_watches(idle_herd: tuple[LocalHerd, Client]) -> None:
+    """The watches are kept only in the coordinator's one map (no copy per session):
+    a session that goes takes its watches with it, another's stay."""
+    herd, client = idle_herd
+    client._run(client.aio.submit_batch(new_id("j"), "stays", _batch(30)))
+    other = Client(env=herd.env())
+    other._run(other.aio.submit_batch(new_id("j"), "goes", _batch(500)))
+    assert _watched(herd, client) == 530
+    other.close()
+    time.sleep(2.1)  # the gauge is cached for 2 s
+    assert _watched(herd, client) == 30

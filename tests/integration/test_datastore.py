@@ -34,6 +34,7 @@ from herder.errors import (
     AuthenticationError,
     BadKey,
     ChecksumMismatch,
+    ConfigError,
     DatastoreFull,
     DatastoreUnavailable,
     ObjectMissing,
@@ -373,6 +374,29 @@ httpx.put(
 
 
 # --------------------------------------------------------------------------- file:// specifics
+
+
+def test_a_local_datastore_is_plain_files_and_takes_no_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """file:// is served by os calls (fsspec is S3's alone): a bare relative path is
+    made absolute, objects and listings land where they should, options are refused."""
+    monkeypatch.chdir(tmp_path)
+    store = Datastore("rel/data")
+    store.put_stream("a/b.txt", [b"o", b"ne"])
+    store.put_stream("a.txt", [b"two"])
+    assert (tmp_path / "rel" / "data" / "a" / "b.txt").read_bytes() == b"one"
+    assert [o.key for o in store.ls("")] == ["a.txt", "a/b.txt"]
+    info, chunks = store.open_read("a/b.txt")
+    assert (info.size, b"".join(chunks)) == (3, b"one")
+    assert store.exists("a.txt")
+    assert not store.exists("a")
+    store.rm("a.txt")
+    assert [o.key for o in store.ls("")] == ["a/b.txt"]
+    with pytest.raises(ConfigError, match=r"file:// takes no options \(given: key\)") as info:
+        Datastore(f"file://{tmp_path}/other", {"key": "x"})
+    assert info.value.field == "datastore_options"
+    assert not (tmp_path / "other").exists()
 
 
 RAW_BAD_KEYS = [

@@ -286,7 +286,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         finally:
             client.closed = True
             coord.clients.discard(client)
-            coord.unwatch(client, list(client.watched))
+            coord.unwatch_all(client)
 
     return app
 

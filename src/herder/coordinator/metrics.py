@@ -59,6 +59,11 @@ class Metrics:
             "herder_nodes", "Nodes by state and provider.", ["state", "provider"], registry=r
         )
         self.agents = Gauge("herder_agents_connected", "Agents paired now.", registry=r)
+        self.watched = Gauge(
+            "herder_watched_tasks",
+            "Unfinished tasks whose outcome a connected client waits for.",
+            registry=r,
+        )
         self.heartbeat_lag = Gauge(
             "herder_heartbeat_lag_seconds",
             "Seconds since each connected node was last heard.",

@@ -161,6 +161,7 @@ async def _refresh(coord: Coordinator, metrics: Metrics) -> None:
     metrics.set_nodes(nodes)
     now = time.monotonic()
     metrics.agents.set(len(coord.agents))
+    metrics.watched.set(len(coord.watchers))
     metrics.set_heartbeat_lag({a.node_id: now - a.last_heard for a in coord.agents.values()})
 
 

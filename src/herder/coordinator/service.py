@@ -126,7 +126,9 @@ class Coordinator:
         self.agents: dict[str, AgentSession] = {}
         self.clients: set[ClientSession] = set()
         # task id -> who waits for its outcome; immutable, and one set shared by all
-        # the tasks a client submitted at once (a set per queued task cost ~200 bytes)
+        # the tasks a client submitted at once (a set per queued task cost ~200 bytes).
+        # The only record of who watches what: a copy per session, to unwatch a
+        # closed one without a walk, cost 4 MB of 17 at 100,000 queued.
         self.watchers: dict[str, frozenset[ClientSession]] = {}
         self._known_ckeys: set[str] = {""}
         self._ready_hint = 0
@@ -490,7 +492,6 @@ class Coordinator:
         for tid in task_ids:
             ws = self.watchers.get(tid)
             self.watchers[tid] = alone if ws is None or ws == alone else ws | alone
-            client.watched.add(tid)
 
     def unwatch(self, client: ClientSession, task_ids: Iterable[str]) -> None:
         for tid in task_ids:
@@ -501,7 +502,10 @@ class Coordinator:
                     self.watchers[tid] = rest
                 else:
                     del self.watchers[tid]
-            client.watched.discard(tid)
+
+    def unwatch_all(self, client: ClientSession) -> None:
+        """Forget a closed session's watches: one walk of the map (10 ms per 100,000)."""
+        self.unwatch(client, [tid for tid, ws in self.watchers.items() if client in ws])
 
     def _apply(self, changes: Changes) -> None:
         """Act on a committed transaction: wake dispatch, tell watchers (and the
@@ -540,7 +544,6 @@ class Coordinator:
                 output=f.output,
             )
             for c in clients:
-                c.watched.discard(f.task_id)
                 by_client.setdefault(c, []).append(outcome)
         for client, items in by_client.items():
             self._spawn(client.send(protocol.Done(items=items)))

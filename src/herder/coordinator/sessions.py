@@ -126,7 +126,6 @@ class ClientSession:
 
     ws: WebSocket
     principal: Principal = CLUSTER_ADMIN  # who opened it: its token's revocation closes it
-    watched: set[str] = field(default_factory=set)
     closed: bool = False
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

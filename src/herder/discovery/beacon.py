@@ -33,8 +33,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import psutil
-
 __all__ = [
     "BEACON_PORT",
     "MAX_BEACON_BYTES",
@@ -249,6 +247,8 @@ async def listen_for_beacon(
 
 def broadcast_addresses() -> list[str]:
     """255.255.255.255 and the broadcast address of every IPv4 interface that has one."""
+    import psutil  # only a beacon needs the interfaces (1 MB of every coordinator)
+
     found = ["255.255.255.255"]
     for addrs in psutil.net_if_addrs().values():
         for addr in addrs:
@@ -265,6 +265,8 @@ def host_urls(port: int, listen_host: str = "0.0.0.0") -> list[str]:
     """
     if listen_host not in ("0.0.0.0", ""):
         return [f"https://{listen_host}:{port}"]
+    import psutil
+
     urls = []
     for addrs in psutil.net_if_addrs().values():
         for addr in addrs:
