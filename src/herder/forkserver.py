@@ -99,6 +99,7 @@ def _fork(request: dict[str, Any], server: socket.socket, cli_main: Any) -> dict
 
 def serve(server: socket.socket) -> int:
     """Answer spawn requests until the socket closes; the exit code."""
+    gc.disable()  # no collections while importing (they find nothing); frozen below
     cli_main = _preload()
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
@@ -108,6 +109,7 @@ def serve(server: socket.socket) -> int:
         return 1
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     gc.freeze()  # what is loaded now stays shared with the children, not copied on write
+    gc.enable()  # for the children: an agent collects what it makes
     with server.makefile("rb") as requests:
         for line in requests:
             try:
