@@ -90,11 +90,22 @@ class CoordinatorStats:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: only ``cli.py`` installs handlers."""
+    """uvicorn without its own signal handling (only ``cli.py`` installs handlers), that
+    says when it listens (``up``) rather than being polled for it."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.up = asyncio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Any:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.up.set()  # listening, or (``started`` false) given up
 
 
 class Coordinator:
@@ -268,10 +279,10 @@ class Coordinator:
             self._server = _Server(config)
             async with asyncio.TaskGroup() as tg:
                 server_task = tg.create_task(self._server.serve(sockets=[self._sock]), name="http")
-                while not self._server.started:
-                    if server_task.done():
-                        return
-                    await asyncio.sleep(0.01)
+                await self._server.up.wait()
+                if not self._server.started:
+                    await server_task  # uvicorn gave up (it logged why)
+                    return
                 loops = [
                     tg.create_task(self._engine_loop(), name="engine"),
                     tg.create_task(self._expiry_loop(), name="lease-expiry"),
