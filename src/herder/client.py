@@ -320,12 +320,7 @@ class AsyncClient:
         self._ca_pem = ca_pem
         self._data: DataClient | None = None
         self._bearer = token.without_url().encode()
-        self.http = httpx.AsyncClient(
-            base_url=url,
-            verify=self._ssl,
-            headers={"Authorization": f"Bearer {self._bearer}"},
-            timeout=60,
-        )
+        self._http: httpx.AsyncClient | None = None
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._futures: dict[str, TaskFuture] = {}
@@ -346,8 +341,12 @@ class AsyncClient:
         env: Mapping[str, str] | None = None,
         event_ttl_s: float = EVENT_TTL_S,
     ) -> AsyncClient:
-        target, parsed = resolve_target(url, token, os.environ if env is None else env)
-        ca = await asyncio.to_thread(security.fetch_pinned_ca, target, parsed.fingerprint)
+        env = os.environ if env is None else env
+        target, parsed = resolve_target(url, token, env)
+        # beside its coordinator (LocalHerd, the CLI): the home's CA, if it is the pinned one
+        ca = security.pinned_ca_at(default_home(env) / "tls" / "ca.pem", parsed.fingerprint)
+        if ca is None:
+            ca = await asyncio.to_thread(security.fetch_pinned_ca, target, parsed.fingerprint)
         client = cls(target, parsed, ca, event_ttl_s=event_ttl_s)
         await client._connect()
         client._reader = asyncio.create_task(client._read_loop(), name="herder-client-reader")
@@ -371,11 +370,26 @@ class AsyncClient:
                 await self._reader
         if self._ws is not None:
             await self._ws.close()
-        await self.http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
         if self._data is not None:
             self._data.close()
         for fut in self._futures.values():
             fut._fail_submission(ClientClosed())
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The HTTP side (queries, cancels, tokens, releases), made when first used: a
+        session that only submits and waits never loads its transport (httpcore, h11:
+        12 ms of a cold start)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=self.url,
+                verify=self._ssl,
+                headers={"Authorization": f"Bearer {self._bearer}"},
+                timeout=60,
+            )
+        return self._http
 
     @property
     def data(self) -> DataClient:

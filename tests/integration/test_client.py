@@ -11,8 +11,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 import herder
+from herder import certs, security
 from herder.client import AsyncClient, RemoteTraceback
 from herder.errors import SubmissionError, TaskCancelled, TaskError, TaskTimeout
 from herder.local import LocalHerd
@@ -262,3 +264,30 @@ def test_local_agents_are_replaced_within_5s(herd_proc: LocalHerd) -> None:
     )
     herd_proc.wait_nodes(2, timeout=max(0.1, 5 - (time.monotonic() - killed_at)))
     assert herd.submit(pow, 2, 2).result(timeout=30) == 4
+
+
+def test_the_homes_pinned_ca_spares_a_fetch_and_any_other_is_fetched(
+    herd_proc: LocalHerd, tmp_path: Path
+) -> None:
+    """A client beside its coordinator takes the CA from the herder home when the pin
+    matches it; in a home without it, or with another CA there, it fetches and pins."""
+    env = herd_proc.env()
+    home = Path(env["HERDER_HOME"])
+    pem = (home / "tls" / "ca.pem").read_bytes()
+    pin = security.ca_fingerprint(pem)
+    assert security.pinned_ca_at(home / "tls" / "ca.pem", pin) == pem
+    assert security.pinned_ca_at(home / "tls" / "ca.pem", bytes(32)) is None  # another pin
+    two = tmp_path / "two.pem"
+    two.write_bytes(pem + pem)
+    assert security.pinned_ca_at(two, pin) is None  # one certificate, or fetched
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "tls").mkdir(parents=True)
+    other_ca, _ = certs.build_ca("another herder", days=1)
+    (elsewhere / "tls" / "ca.pem").write_bytes(other_ca.public_bytes(Encoding.PEM))
+    token = security.JoinToken(security.load_secret(home / "secret"), pin, herd_proc.url)
+    for where in (elsewhere, tmp_path / "empty"):
+        away = {"HERDER_HOME": str(where), "HERDER_TOKEN": token.encode()}
+        assert security.pinned_ca_at(where / "tls" / "ca.pem", pin) is None
+        with herder.Client(env=away) as client:  # fetched from /v1/ca, checked against the pin
+            assert client.submit(pow, 2, 5).result(timeout=30) == 32
