@@ -41,7 +41,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from herder import protocol, security
-from herder.config import default_home
+from herder.config import default_home, home_ca_path
 from herder.errors import (
     ClientClosed,
     ConfigError,
@@ -344,7 +344,7 @@ class AsyncClient:
         env = os.environ if env is None else env
         target, parsed = resolve_target(url, token, env)
         # beside its coordinator (LocalHerd, the CLI): the home's CA, if it is the pinned one
-        ca = security.pinned_ca_at(default_home(env) / "tls" / "ca.pem", parsed.fingerprint)
+        ca = security.pinned_ca_at(home_ca_path(env), parsed.fingerprint)
         if ca is None:
             ca = await asyncio.to_thread(security.fetch_pinned_ca, target, parsed.fingerprint)
         client = cls(target, parsed, ca, event_ttl_s=event_ttl_s)

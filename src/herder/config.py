@@ -128,6 +128,12 @@ def default_home(env: Mapping[str, str]) -> Path:
     return Path(env.get("HOME", "~")).expanduser() / ".herder"
 
 
+def home_ca_path(env: Mapping[str, str]) -> Path:
+    """Where ``herder up`` keeps its own CA certificate in the herder home of ``env``
+    (the one its tokens pin, unless it serves with a user's own CA)."""
+    return default_home(env) / "tls" / "ca.pem"
+
+
 _ENV_KEYS = {
     "HERDER_STORE": "store_url",
     "HERDER_LISTEN": "listen",

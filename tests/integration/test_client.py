@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
+import socket
+import socketserver
+import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 import herder
 from herder import certs, security
 from herder.client import AsyncClient, RemoteTraceback
+from herder.config import home_ca_path
 from herder.errors import SubmissionError, TaskCancelled, TaskError, TaskTimeout
 from herder.local import LocalHerd
 from tests.helpers import agent_pids, db_rows, started_herd, succeeded_attempts, wait_for
@@ -266,17 +272,48 @@ def test_local_agents_are_replaced_within_5s(herd_proc: LocalHerd) -> None:
     assert herd.submit(pow, 2, 2).result(timeout=30) == 4
 
 
+class _CountingForwarder(socketserver.ThreadingTCPServer):
+    """127.0.0.1:<port> -> ``target``, byte for byte (TLS passes through); counts the
+    connections it accepted."""
+
+    daemon_threads = True
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.accepted = 0
+        super().__init__(("127.0.0.1", 0), _Forward)
+
+
+class _Forward(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server = self.server
+        assert isinstance(server, _CountingForwarder)
+        server.accepted += 1
+        with socket.create_connection(server.target, timeout=10) as upstream:
+            ends = [self.request, upstream]
+            for _ in range(100_000):  # bounded: far more frames than the test sends
+                ready, _, _ = select.select(ends, [], [], 10)
+                if not ready:
+                    return
+                for end in ready:
+                    data = end.recv(65536)
+                    if not data:
+                        return
+                    (upstream if end is self.request else self.request).sendall(data)
+
+
 def test_the_homes_pinned_ca_spares_a_fetch_and_any_other_is_fetched(
     herd_proc: LocalHerd, tmp_path: Path
 ) -> None:
     """A client beside its coordinator takes the CA from the herder home when the pin
-    matches it; in a home without it, or with another CA there, it fetches and pins."""
+    matches it (one connection: the session); in a home without it, or with another CA
+    there, it fetches it from /v1/ca and pins it (two connections)."""
     env = herd_proc.env()
     home = Path(env["HERDER_HOME"])
-    pem = (home / "tls" / "ca.pem").read_bytes()
+    pem = home_ca_path(env).read_bytes()
     pin = security.ca_fingerprint(pem)
-    assert security.pinned_ca_at(home / "tls" / "ca.pem", pin) == pem
-    assert security.pinned_ca_at(home / "tls" / "ca.pem", bytes(32)) is None  # another pin
+    assert security.pinned_ca_at(home_ca_path(env), pin) == pem
+    assert security.pinned_ca_at(home_ca_path(env), bytes(32)) is None  # another pin
     two = tmp_path / "two.pem"
     two.write_bytes(pem + pem)
     assert security.pinned_ca_at(two, pin) is None  # one certificate, or fetched
@@ -285,9 +322,14 @@ def test_the_homes_pinned_ca_spares_a_fetch_and_any_other_is_fetched(
     (elsewhere / "tls").mkdir(parents=True)
     other_ca, _ = certs.build_ca("another herder", days=1)
     (elsewhere / "tls" / "ca.pem").write_bytes(other_ca.public_bytes(Encoding.PEM))
-    token = security.JoinToken(security.load_secret(home / "secret"), pin, herd_proc.url)
-    for where in (elsewhere, tmp_path / "empty"):
-        away = {"HERDER_HOME": str(where), "HERDER_TOKEN": token.encode()}
-        assert security.pinned_ca_at(where / "tls" / "ca.pem", pin) is None
-        with herder.Client(env=away) as client:  # fetched from /v1/ca, checked against the pin
-            assert client.submit(pow, 2, 5).result(timeout=30) == 32
+    parts = urllib.parse.urlsplit(herd_proc.url)
+    with _CountingForwarder((str(parts.hostname), int(parts.port or 443))) as forwarder:
+        threading.Thread(target=forwarder.serve_forever, daemon=True).start()
+        url = f"https://127.0.0.1:{forwarder.server_address[1]}"
+        token = security.JoinToken(security.load_secret(home / "secret"), pin, url).encode()
+        for where, connections in ((home, 1), (elsewhere, 2), (tmp_path / "empty", 2)):
+            forwarder.accepted = 0
+            with herder.Client(env={"HERDER_HOME": str(where), "HERDER_TOKEN": token}) as client:
+                assert client.submit(pow, 2, 5).result(timeout=30) == 32
+            assert forwarder.accepted == connections, where
+        forwarder.shutdown()

@@ -64,7 +64,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from herder import protocol, security
-from herder.config import default_home
+from herder.config import home_ca_path
 from herder.errors import AuthenticationError, PinningError, ReleaseError, SecurityError
 from herder.model import Reason
 from herder.releases.cache import ReleaseCache
@@ -309,7 +309,7 @@ class Agent:
                     where = self.config.url
                     # a local agent finds it in the herder home, as its coordinator left it
                     pin = self.config.fingerprint
-                    ca = security.pinned_ca_at(default_home(os.environ) / "tls" / "ca.pem", pin)
+                    ca = security.pinned_ca_at(home_ca_path(os.environ), pin)
                     if ca is None:
                         ca = await asyncio.to_thread(
                             security.fetch_pinned_ca, self.config.url, pin, timeout
