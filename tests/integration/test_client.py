@@ -7,6 +7,8 @@ import os
 import select
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -24,7 +26,14 @@ from herder.client import AsyncClient, RemoteTraceback
 from herder.config import home_ca_path
 from herder.errors import SubmissionError, TaskCancelled, TaskError, TaskTimeout
 from herder.local import LocalHerd
-from tests.helpers import agent_pids, db_rows, started_herd, succeeded_attempts, wait_for
+from tests.helpers import (
+    agent_pids,
+    db_rows,
+    kill_tree,
+    started_herd,
+    succeeded_attempts,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -332,4 +341,47 @@ def test_the_homes_pinned_ca_spares_a_fetch_and_any_other_is_fetched(
             with herder.Client(env={"HERDER_HOME": str(where), "HERDER_TOKEN": token}) as client:
                 assert client.submit(pow, 2, 5).result(timeout=30) == 32
             assert forwarder.accepted == connections, where
+        forwarder.shutdown()
+
+
+def _is_ready(client: herder.Client, node_id: str) -> bool:
+    return any(n["id"] == node_id and n["state"] == "ready" for n in client.nodes())
+
+
+def test_an_agent_beside_its_coordinator_takes_the_ca_from_the_home(
+    herd_proc: LocalHerd, tmp_path: Path
+) -> None:
+    """A local agent pairs on one connection (its session) when the herder home holds
+    the pinned CA, as a coordinator's own local nodes find it; elsewhere it fetches
+    the CA first (two connections). Both pair and run a task."""
+    env = herd_proc.env()
+    home = Path(env["HERDER_HOME"])
+    pin = security.ca_fingerprint(home_ca_path(env).read_bytes())
+    parts = urllib.parse.urlsplit(herd_proc.url)
+    client = herd_proc.client
+    assert client is not None
+    with _CountingForwarder((str(parts.hostname), int(parts.port or 443))) as forwarder:
+        threading.Thread(target=forwarder.serve_forever, daemon=True).start()
+        url = f"https://127.0.0.1:{forwarder.server_address[1]}"
+        token = security.JoinToken(security.load_secret(home / "secret"), pin, url).encode()
+        for where, connections in ((home, 1), (tmp_path / "empty", 2)):
+            forwarder.accepted = 0
+            node_id = f"n-ca-{connections}"
+            agent_env = {k: v for k, v in os.environ.items() if not k.startswith("HERDER_")}
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "herder", "agent", "--join", token, "--node-id",
+                 node_id, "--slots", "1", "--orphan-after", "20"],
+                env={**agent_env, "HERDER_HOME": str(where)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                wait_for(lambda nid=node_id: _is_ready(client, nid), 60, f"{node_id} to pair")
+                task = client.run_on(node_id, pow, 3, 3)
+                assert task.result(timeout=30) == 27
+                assert forwarder.accepted == connections, where
+            finally:
+                kill_tree(agent.pid)
+                agent.wait(timeout=30)
         forwarder.shutdown()

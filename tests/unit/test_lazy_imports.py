@@ -21,6 +21,7 @@ NOT_AT_START = (
     "rich",
     "yaml",
     "fsspec",
+    "sqlalchemy.dialects.postgresql",
 )
 AGENT_NOT_AT_START = (
     "httpx",
@@ -70,3 +71,14 @@ def test_an_agent_starts_without_httpx() -> None:
 
 def test_a_client_starts_without_the_x509_library() -> None:
     assert _loaded_after("herder.client, herder.local", CLIENT_NOT_AT_START) == "[]"
+
+
+def test_a_sqlite_store_is_made_without_the_postgresql_dialect(tmp_path: Path) -> None:
+    """Creating the schema (partial indexes included) names no PostgreSQL option."""
+    made = (
+        "import asyncio\n"
+        f"store = herder.store.sql.SqlStore('sqlite:///{tmp_path}/herd.db')\n"
+        "asyncio.run(store.open())\n"
+        "asyncio.run(store.close())"
+    )
+    assert _loaded_after("herder.store.sql", NOT_AT_START, then=made) == "[]"

@@ -189,7 +189,7 @@ def prepare(conn: Connection, url: str) -> None:
 
 def _create(conn: Connection) -> None:
     """A new store is made from the metadata at once and stamped with the head."""
-    schema.metadata.create_all(conn)
+    schema.for_dialect(conn.dialect.name).create_all(conn)
     conn.execute(schema.meta.insert().values(key="schema", value=str(schema.SCHEMA_VERSION)))
     _VERSION_TABLE.create(conn)
     conn.execute(_VERSION_TABLE.insert().values(version_num=revision_of(schema.SCHEMA_VERSION)))

@@ -12,13 +12,13 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from herder.store.schema import metadata
+from herder.store.schema import for_dialect
 
 connection = context.config.attributes.get("connection")
 if not isinstance(connection, Connection):
     raise RuntimeError(
         "herder's migrations run on a store connection: use `herder db upgrade`, not alembic"
     )
-context.configure(connection=connection, target_metadata=metadata)
+context.configure(connection=connection, target_metadata=for_dialect(connection.dialect.name))
 with context.begin_transaction():
     context.run_migrations()
