@@ -16,10 +16,12 @@ have neither a build backend nor a package index. So:
   dependencies, the ``herder`` console script);
 * each dependency's wheel (``install="offline"``) is repacked from the files
   its installed distribution records inside site-packages, with its own
-  ``WHEEL`` tags, so compiled extensions keep their platform tags. Files a
-  wheel installs outside site-packages (scripts other than entry points,
-  headers, data) are not carried: pip regenerates entry-point scripts, and
-  herder needs none of the rest.
+  ``WHEEL`` tags, so compiled extensions keep their platform tags. The
+  programs a wheel installs beside the interpreter go in its ``.data/scripts``
+  (uv's binary: the host installs with it, and releases use it), except the
+  entry-point wrappers, which the installer writes anew for the host's
+  python. Headers and other data outside site-packages are not carried:
+  herder needs none of them.
 
 Every wheel is named by a hash of its content (the *build id*) and cached
 under the caller's directory, so a second coordinator start packs nothing.
@@ -34,10 +36,13 @@ import json
 import logging
 import os
 import re
+import sysconfig
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from herder.errors import ProviderError
@@ -51,6 +56,14 @@ DIST = "herder"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # Metadata files that describe one installation, not the distribution: never shipped.
 _INSTALL_ONLY = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json", "RECORD.jws", "RECORD.p7s"}
+
+# Where dependency wheels are cached, by the way they are packed: wheels packed
+# before scripts were carried (uv's binary) must not be shipped again.
+_DEPS_DIR = "deps-2"
+
+# zlib's fastest level: a third of level 6's time for ~10% more bytes, and
+# wheels are packed on the coordinator's critical path to a first SSH node
+_COMPRESS_LEVEL = 1
 
 # (name inside the wheel, file on this machine)
 Entry = tuple[str, Path]
@@ -99,16 +112,23 @@ def herder_wheel(cache_dir: Path) -> Path:
 
 
 def dependency_wheels(cache_dir: Path) -> list[Path]:
-    """A wheel of every installed distribution herder needs here, packed once each."""
-    wheels = []
-    for dist in _dependency_closure(_distribution(DIST)):
-        info_dir = _info_dir(dist)
-        dest = cache_dir / "deps" / _wheel_name(dist, info_dir)
-        if not dest.exists():
-            log.info("packing %s", dest.name, extra={"action": "bootstrap.pack"})
-            _write_wheel(dest, _recorded_entries(dist), info_dir)
-        wheels.append(dest)
-    return sorted(wheels)
+    """A wheel of every installed distribution herder needs here, packed once each
+    (on every core: zlib lets go of the GIL while it compresses)."""
+    with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="herder-pack") as pool:
+        return sorted(
+            pool.map(
+                partial(_dependency_wheel, cache_dir), _dependency_closure(_distribution(DIST))
+            )
+        )
+
+
+def _dependency_wheel(cache_dir: Path, dist: metadata.Distribution) -> Path:
+    info_dir = _info_dir(dist)
+    dest = cache_dir / _DEPS_DIR / _wheel_name(dist, info_dir)
+    if not dest.exists():
+        log.info("packing %s", dest.name, extra={"action": "bootstrap.pack"})
+        _write_wheel(dest, _recorded_entries(dist), info_dir)
+    return dest
 
 
 def agent_command(python: str, *, node_id: str, provider: str, launch: LaunchSpec) -> list[str]:
@@ -175,15 +195,23 @@ def _package_dir_entries(package_dir: Path) -> list[Entry]:
 
 
 def _recorded_entries(dist: metadata.Distribution) -> list[Entry]:
-    """The files an installed distribution records inside site-packages."""
+    """The files an installed distribution records inside site-packages, and the
+    programs it installed in the scripts directory (as ``NAME-VERSION.data/scripts``)."""
     entries = []
+    scripts_dir = Path(sysconfig.get_path("scripts"))
+    scripts_arcdir = _info_dir(dist).removesuffix(".dist-info") + ".data/scripts"
+    wrappers = {ep.name for ep in dist.entry_points if ep.group.endswith("_scripts")}
     for file in dist.files or []:
         posix = PurePosixPath(file.as_posix())
-        if posix.is_absolute() or ".." in posix.parts or "__pycache__" in posix.parts:
-            continue  # outside site-packages (scripts, data) or bytecode
+        if "__pycache__" in posix.parts:
+            continue
+        path = Path(os.path.normpath(str(dist.locate_file(file))))
+        if posix.is_absolute() or ".." in posix.parts:
+            if path.parent == scripts_dir and path.name not in wrappers and path.is_file():
+                entries.append((f"{scripts_arcdir}/{path.name}", path))
+            continue  # other files outside site-packages: headers, data
         if posix.parts[0].endswith(".dist-info") and posix.name in _INSTALL_ONLY:
             continue
-        path = Path(str(dist.locate_file(file)))
         if path.is_file():
             entries.append((posix.as_posix(), path))
         else:
@@ -226,10 +254,9 @@ def _write_wheel(dest: Path, entries: Sequence[Entry], info_dir: str) -> None:
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:
             record = []
             for arcname, path in ordered:
-                data = path.read_bytes()
+                data = _portable_script(arcname, path.read_bytes())
                 info = zipfile.ZipInfo.from_file(path, arcname, strict_timestamps=False)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                zf.writestr(info, data)
+                zf.writestr(info, data, zipfile.ZIP_DEFLATED, _COMPRESS_LEVEL)
                 record.append(f"{arcname},sha256={_b64_digest(data)},{len(data)}")
             record.append(f"{info_dir}/RECORD,,")
             zf.writestr(f"{info_dir}/RECORD", "\n".join(record) + "\n")
@@ -237,6 +264,16 @@ def _write_wheel(dest: Path, entries: Sequence[Entry], info_dir: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _portable_script(arcname: str, data: bytes) -> bytes:
+    """A script's ``#!`` line names this machine's python: ``#!python`` has the
+    installer put the host's there instead (a binary program is left as it is)."""
+    top, _, inside = arcname.partition("/")
+    if not (top.endswith(".data") and inside.startswith("scripts/") and data.startswith(b"#!")):
+        return data
+    _, newline, rest = data.partition(b"\n")
+    return b"#!python" + newline + rest
 
 
 def _b64_digest(data: bytes) -> str:

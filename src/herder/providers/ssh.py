@@ -13,8 +13,9 @@ Installing, by ``install``:
   and ``pip install`` it into the venv; the dependencies come from the
   host's own package index.
 * ``"offline"``: also copy a wheel of every dependency as installed here and
-  install with no index at all. The host needs the same python version and
-  platform as the coordinator.
+  install with no index at all, with the uv those wheels carry (pip if it
+  cannot run there). The host needs the same python version and platform
+  as the coordinator.
 * ``"none"``: herder is already importable by the host's ``python``.
 
 A marker in the venv names the build in it, so a later spawn on the host
@@ -424,11 +425,20 @@ class SSH(Provider):
                     },
                     self.install_timeout,
                 )
+                if "uv_failed" in answer:
+                    log.warning(
+                        "host %s: uv could not install (pip did, slower): %s",
+                        slot.host.label,
+                        answer["uv_failed"],
+                        extra={"action": "ssh.install", "host": slot.host.label},
+                    )
                 log.info(
                     "host %s: build %s %s in %.1fs",
                     slot.host.label,
                     bundle.build_id,
-                    "installed" if answer["installed"] else "was already installed",
+                    f"installed with {answer['installer']}"
+                    if answer["installed"]
+                    else "was already installed",
                     answer["seconds"],
                     extra={"action": "ssh.install", "host": slot.host.label},
                 )

@@ -19,6 +19,7 @@ is a crash whose traceback is on stderr.
 Layout of the host's ``dir`` (every file in it is herder's own)::
 
     venv/                  the agents' environment; venv/herder-build names its build
+    tools/<uv wheel>/uv    uv's program, unpacked from its wheel to install with
     wheels/                dependency wheels copied here; wheels/<build>/ holds herder's
     logs/<node>.log        each agent's output (kept after it stops)
     run/<node>.json        one per started agent: pid, node id, cluster (no secret)
@@ -33,11 +34,13 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,9 +95,9 @@ def install(request: dict[str, Any]) -> dict[str, Any]:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if _installed(root) == want:
             return {"installed": False, "seconds": time.monotonic() - started}
-        _install_locked(root, request)
+        how = _install_locked(root, request)
         _write_json(root / "venv" / MARKER, want)
-    return {"installed": True, "seconds": time.monotonic() - started}
+    return {"installed": True, "seconds": time.monotonic() - started, **how}
 
 
 def launch(request: dict[str, Any]) -> dict[str, Any]:
@@ -162,28 +165,88 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 # installing
 
 
-def _install_locked(root: Path, request: dict[str, Any]) -> None:
+def _install_locked(root: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """Install the copied wheels into ``venv``; says which installer did it.
+
+    Offline, with uv's wheel among them (it is a dependency of herder), its
+    program installs everything in a few seconds; pip takes over if uv cannot
+    run here, and the answer says why.
+    """
     venv = root / "venv"
-    python = venv / "bin" / "python"
     old = _installed(root)
-    fresh = old is None or old.get("python") != sys.executable or not python.exists()
-    if fresh:
-        _run([sys.executable, "-m", "venv", "--clear", str(venv)], dict(os.environ))
-    else:
+    fresh = (
+        old is None or old.get("python") != sys.executable or not (venv / "bin" / "python").exists()
+    )
+    if not fresh:
         (venv / MARKER).unlink()  # a half-done install must not look done
     wheels = root / "wheels"
     herder = str(wheels / request["herder_wheel"])
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q"]
     env = dict(os.environ)
-    if request["offline"]:
-        # Exactly the copied wheels, whatever pip configuration the host has.
-        env["PIP_CONFIG_FILE"] = os.devnull
-        deps = [str(wheels / name) for name in request["dependencies"]]
-        _run([*pip, "--no-index", "--no-deps", *deps, herder], env)
-    else:
-        _run([*pip, herder], env)  # dependencies from the host's own index
+    if not request["offline"]:
+        _pip_install(venv, fresh, [herder], env)  # dependencies from the host's own index
+        return {"installer": "pip"}
+    # Exactly the copied wheels, whatever pip or uv configuration the host has.
+    env.update(PIP_CONFIG_FILE=os.devnull, UV_NO_CONFIG="1")
+    deps = [str(wheels / name) for name in request["dependencies"]]
+    uv_wheel = next((name for name in request["dependencies"] if name.startswith("uv-")), None)
+    if uv_wheel is None:
+        _pip_install(venv, fresh, ["--no-index", "--no-deps", *deps, herder], env)
+        return {"installer": "pip"}
+    try:
+        _uv_install(_unpacked_uv(root, wheels / uv_wheel), venv, fresh, [*deps, herder], env)
+        return {"installer": "uv"}
+    except HostError as exc:
+        failed = str(exc)
+    _pip_install(venv, True, ["--no-index", "--no-deps", *deps, herder], env)
+    return {"installer": "pip", "uv_failed": failed}
+
+
+def _pip_install(venv: Path, fresh: bool, args: list[str], env: dict[str, str]) -> None:
+    """``python -m venv`` (when ``fresh``), then pip: the way that needs nothing but python."""
+    if fresh:
+        _run([sys.executable, "-m", "venv", "--clear", str(venv)], dict(os.environ))
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q"]
+    _run([*pip, *args], env)
     if not fresh:  # the same version number may hold other code: replace it
-        _run([*pip, "--no-deps", "--force-reinstall", herder], env)
+        _run([*pip, "--no-deps", "--force-reinstall", args[-1]], env)
+
+
+def _uv_install(uv: Path, venv: Path, fresh: bool, wheels: list[str], env: dict[str, str]) -> None:
+    """uv makes the venv (when ``fresh``) and installs the wheels, herder's last and anew.
+
+    No bytecode is compiled ahead (pip's default): an agent compiles what it
+    imports, a small part of what is installed, on its first start.
+    """
+    if fresh:
+        _run([str(uv), "venv", "--quiet", "--clear", "--python", sys.executable, str(venv)], env)
+    _run(
+        [str(uv), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
+         "--offline", "--no-index", "--no-deps", "--no-cache", "--link-mode", "copy",
+         "--reinstall-package", "herder", *wheels],
+        env,
+    )  # fmt: skip
+
+
+def _unpacked_uv(root: Path, wheel: Path) -> Path:
+    """uv's program, taken out of its wheel once (``tools/<wheel>/uv``)."""
+    target = root / "tools" / wheel.name / "uv"
+    if target.exists():
+        return target
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            member = next((m for m in zf.namelist() if m.endswith(".data/scripts/uv")), None)
+            if member is None:
+                raise HostError(f"{wheel.name} holds no uv program")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name("uv.part")
+            with zf.open(member) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise HostError(f"cannot unpack uv from {wheel.name}: {exc}") from exc
+    os.chmod(part, 0o755)
+    os.replace(part, target)
+    return target
 
 
 def _installed(root: Path) -> dict[str, Any] | None:
