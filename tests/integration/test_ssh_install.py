@@ -63,6 +63,15 @@ def test_a_host_installs_with_the_uv_the_wheels_carry(tmp_path: Path) -> None:
     assert (answer["installed"], answer["installer"]) == (True, "uv"), answer
     assert "uv_failed" not in answer
     assert _installer_of_herder(root) == "uv"
+    # uv's program is in the venv: the node's releases install with it too
+    python = root / "venv" / "bin" / "python"
+    found = subprocess.run(
+        [python, "-c", "import uv, subprocess; subprocess.run([uv.find_uv_bin(), '--version'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert found.stdout.startswith("uv ")
     # the same build again: nothing to do; another build: herder is put in anew
     assert ssh_remote.install(request)["installed"] is False
     answer = ssh_remote.install({**request, "build": "b2"})
