@@ -239,7 +239,7 @@ class _Upload:
         raise NotImplementedError
 
     def seal(self) -> None:
-        """Make every written byte durable (not yet visible)."""
+        """Every written byte is stored, or held for :meth:`commit`; none is visible."""
         raise NotImplementedError
 
     def commit(self) -> None:
@@ -402,24 +402,46 @@ class _LocalBackend(_Backend):
 
 
 class _S3Upload(_Upload):
-    """An s3fs file opened with ``autocommit=False``: a multipart upload, invisible until
-    :meth:`commit` completes it; :meth:`discard` aborts it."""
+    """An object on its way to S3, invisible until :meth:`commit`.
+
+    Up to one part it is held here and put in one request at commit (S3
+    shows a PUT only once complete); beyond that it becomes an s3fs file
+    opened with ``autocommit=False``, a multipart upload that :meth:`commit`
+    completes and :meth:`discard` aborts. A task's small output so costs one
+    request instead of three (initiate, part, complete).
+    """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
-        self.file: Any = fs.open(path, "wb", block_size=S3_PART, autocommit=False)
+        self.fs = fs
+        self.path = path
+        self.held: bytearray | None = bytearray()
+        self.file: Any = None
 
     def write(self, data: bytes) -> None:
+        if self.held is not None and len(self.held) + len(data) <= S3_PART:
+            self.held += data
+            return
+        if self.file is None:
+            self.file = self.fs.open(self.path, "wb", block_size=S3_PART, autocommit=False)
+            self.file.write(self.held)
+            self.held = None
         self.file.write(data)
 
     def seal(self) -> None:
-        self.file.close()  # uploads the last part; does not complete the upload
+        if self.file is not None:
+            self.file.close()  # uploads the last part; does not complete the upload
 
     def commit(self) -> None:
-        self.file.commit()
+        if self.file is None:
+            self.fs.pipe_file(self.path, bytes(self.held or b""))
+        else:
+            self.file.commit()
 
     def discard(self) -> None:
-        with contextlib.suppress(Exception):
-            self.file.discard()
+        self.held = None
+        if self.file is not None:
+            with contextlib.suppress(Exception):
+                self.file.discard()
 
 
 class _S3Backend(_Backend):
@@ -460,8 +482,10 @@ class _S3Backend(_Backend):
         return int(info["size"])
 
     def read_small(self, path: str) -> bytes | None:
+        # max_concurrency=1: one GET. Otherwise s3fs asks the size first (HEAD), and
+        # for a missing key also whether it is a directory (LIST): three requests.
         try:
-            data: bytes = self.fs.cat_file(path)
+            data: bytes = self.fs.cat_file(path, max_concurrency=1)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         return data
@@ -469,7 +493,8 @@ class _S3Backend(_Backend):
     def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
         if not paths:
             return {}
-        found = self.fs.cat(paths, on_error="return")  # concurrent GETs
+        # concurrent GETs, one per path (see read_small)
+        found = self.fs.cat(paths, on_error="return", max_concurrency=1)
         out: dict[str, bytes | None] = {}
         for path in paths:
             value = found.get(path) if isinstance(found, dict) else None

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,7 +31,7 @@ from moto.server import ThreadedMotoServer
 from herder import security
 from herder.client import resolve_target
 from herder.dataclient import DataClient
-from herder.datastore import CHUNK, Datastore
+from herder.datastore import CHUNK, S3_PART, Datastore
 from herder.errors import (
     AuthenticationError,
     BadKey,
@@ -691,3 +693,59 @@ def test_an_unreachable_coordinator_is_reported_after_bounded_retries(file_herd:
     ):
         data.ls()
     assert time.monotonic() - started < 10
+
+
+class _RequestLog(logging.Handler):
+    """The requests a moto server answered, as ``METHOD /path?query`` lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug's colours
+        if '"' in text:
+            self.lines.append(text.split('"')[1].rsplit(" ", 1)[0])
+
+    def taken(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def test_s3_requests_per_operation_stay_few(tmp_path: Path) -> None:
+    """S3 bills and waits per request: a small put is one PUT of the object (no
+    multipart upload), a sidecar is read with one GET (no HEAD, no LIST for a
+    missing one), and only an object beyond one part goes up in parts."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=True)
+    log = _RequestLog()
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.addHandler(log)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3_client(endpoint).create_bucket(Bucket=BUCKET)
+        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        store = Datastore(f"s3://{BUCKET}/{S3_PREFIX}", options)
+        log.taken()
+        store.put_stream("k/small", iter([b"hello"]))
+        put = log.taken()
+        assert [r for r in put if r.startswith("PUT") and ".herder-meta" not in r] == [
+            f"PUT /{BUCKET}/{S3_PREFIX}/k/small"
+        ], put
+        sidecar = [r for r in put if ".herder-meta" in r]
+        assert [r.split()[0] for r in sidecar] == ["GET", "GET", "PUT"], put
+        assert len(put) == 4, put
+        _, chunks = store.open_read("k/small")
+        assert b"".join(chunks) == b"hello"
+        read = log.taken()
+        assert [r.split()[0] for r in read if ".herder-meta" in r] == ["GET"], read
+        assert len(read) <= 3, read  # the sidecar, then the object's size and bytes
+        big = os.urandom(S3_PART + 1)
+        store.put_stream("k/big", iter([big[:MiB], big[MiB:]]))
+        multipart = log.taken()
+        assert any("?uploads" in r for r in multipart), multipart
+        assert store.info("k/big").size == S3_PART + 1
+    finally:
+        werkzeug.removeHandler(log)
+        server.stop()
