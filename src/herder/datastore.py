@@ -21,9 +21,10 @@ Layout under the datastore's root::
 Keys whose first segment starts with ``.herder-`` are reserved for these.
 
 Writing order. A put streams the bytes where no reader looks (a temporary
-file, or an S3 multipart upload, which S3 shows only once completed), then
-writes the sidecar, then makes the bytes visible (rename, or completing the
-upload). So a reader never sees a partial object, and a crash between the
+file, or an S3 multipart upload, which S3 shows only once completed; an
+object up to one part waits in memory for its single PUT), then writes the
+sidecar, then makes the bytes visible (rename, completing the upload, or
+that PUT). So a reader never sees a partial object, and a crash between the
 last two steps leaves the old bytes under a new sidecar: a reader is then told
 ``ChecksumMismatch`` (detected, never silently wrong) until the key is put
 again. The sidecar step and the visibility step of a key, and a reader's
@@ -447,8 +448,9 @@ class _S3Upload(_Upload):
 class _S3Backend(_Backend):
     """``s3://bucket/prefix`` through s3fs.
 
-    Uploads go straight to the final key as a multipart upload rather than to
-    a temporary key and a copy: S3 shows an object only once its upload is
+    Uploads go straight to the final key (one PUT up to a part, a multipart
+    upload beyond) rather than to a temporary key and a copy: S3 shows an
+    object only once its upload is
     completed, so that is already atomic, and it spares a server-side copy of
     every object (a multipart copy beyond 5 GB). A coordinator killed
     mid-upload leaves an incomplete upload that S3 never shows; a bucket
