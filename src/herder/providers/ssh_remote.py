@@ -187,18 +187,18 @@ def _install_locked(root: Path, request: dict[str, Any]) -> dict[str, Any]:
         return {"installer": "pip"}
     # Exactly the copied wheels, whatever pip or uv configuration the host has.
     env.update(PIP_CONFIG_FILE=os.devnull, UV_NO_CONFIG="1")
-    deps = [str(wheels / name) for name in request["dependencies"]]
+    all_wheels = [*(str(wheels / name) for name in request["dependencies"]), herder]
     uv_wheel = next((name for name in request["dependencies"] if name.startswith("uv-")), None)
-    if uv_wheel is None:
-        _pip_install(venv, fresh, ["--no-index", "--no-deps", *deps, herder], env)
-        return {"installer": "pip"}
-    try:
-        _uv_install(_unpacked_uv(root, wheels / uv_wheel), venv, fresh, [*deps, herder], env)
-        return {"installer": "uv"}
-    except HostError as exc:
-        failed = str(exc)
-    _pip_install(venv, True, ["--no-index", "--no-deps", *deps, herder], env)
-    return {"installer": "pip", "uv_failed": failed}
+    answer: dict[str, Any] = {"installer": "pip"}
+    if uv_wheel is not None:
+        try:
+            _uv_install(_unpacked_uv(root, wheels / uv_wheel), venv, fresh, all_wheels, env)
+            return {"installer": "uv"}
+        except HostError as exc:
+            answer["uv_failed"] = str(exc)
+            fresh = True  # what uv left half made is made again
+    _pip_install(venv, fresh, ["--no-index", "--no-deps", *all_wheels], env)
+    return answer
 
 
 def _pip_install(venv: Path, fresh: bool, args: list[str], env: dict[str, str]) -> None:
