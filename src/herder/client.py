@@ -19,6 +19,7 @@ import queue
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -301,6 +302,76 @@ def _recorded_fingerprint(home: Path) -> bytes | None:
 # The async client
 
 
+class _Futures:
+    """The session's futures by task id, held weakly.
+
+    A future its program dropped is released: the coordinator is told to stop
+    watching the task (one ``Unwatch`` frame per loop turn), as Dask's client
+    releases a key whose last future is gone. Without it a program that
+    submits a million tasks and keeps none of their futures costs the
+    coordinator ~110 bytes a task until they finish, and each outcome a
+    message nobody reads. The task itself runs on and its result is stored;
+    :meth:`AsyncClient.future` watches it again.
+
+    The weakref callback runs in whatever thread dropped the future (the sync
+    client's caller, often): it only queues the id and schedules one flush on
+    the loop, which owns the map.
+    """
+
+    def __init__(self, on_released: Callable[[list[str]], None]) -> None:
+        self._refs: dict[str, weakref.KeyedRef[str, TaskFuture]] = {}
+        self._released: deque[str] = deque()
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_released = on_released
+
+    def add(self, fut: TaskFuture) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._refs[fut.task_id] = weakref.KeyedRef(fut, self._dropped, fut.task_id)
+
+    def get(self, task_id: str) -> TaskFuture | None:
+        ref = self._refs.get(task_id)
+        return None if ref is None else ref()
+
+    def pop(self, task_id: str) -> TaskFuture | None:
+        ref = self._refs.pop(task_id, None)
+        return None if ref is None else ref()
+
+    def live(self) -> list[TaskFuture]:
+        return [f for f in (r() for r in self._refs.values()) if f is not None]
+
+    def clear(self) -> None:
+        self._refs.clear()
+
+    def _dropped(self, ref: weakref.KeyedRef[str, TaskFuture]) -> None:
+        if self._refs.get(ref.key) is not ref:
+            return  # its outcome came (and the coordinator forgot it then): no flush
+        # append before reading the flag, and the flush clears the flag before
+        # draining: so an id is either drained by a flush already under way or
+        # schedules its own
+        self._released.append(ref.key)
+        if self._flush_scheduled or self._loop is None:
+            return
+        self._flush_scheduled = True
+        # a closed loop is a closed client: its session, and every watch, is gone
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        gone = []
+        while self._released:
+            task_id = self._released.popleft()
+            ref = self._refs.get(task_id)
+            # absent: its outcome came meanwhile; alive: the program asked for the
+            # task again (``future``) after dropping it
+            if ref is not None and ref() is None:
+                del self._refs[task_id]
+                gone.append(task_id)
+        if gone:
+            self._on_released(gone)
+
+
 class AsyncClient:
     """``async with await AsyncClient.open() as herd: await herd.submit(pow, 2, 10)``."""
 
@@ -323,7 +394,7 @@ class AsyncClient:
         self._http: httpx.AsyncClient | None = None
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._futures: dict[str, TaskFuture] = {}
+        self._futures = _Futures(on_released=self._unwatch)
         self._requests: dict[int, tuple[protocol.Submit, list[TaskFuture]]] = {}
         self._next_req = 0
         self._pending: list[tuple[str | None, TaskSpec, TaskFuture]] = []
@@ -374,7 +445,7 @@ class AsyncClient:
             await self._http.aclose()
         if self._data is not None:
             self._data.close()
-        for fut in self._futures.values():
+        for fut in self._futures.live():
             fut._fail_submission(ClientClosed())
 
     @property
@@ -445,7 +516,7 @@ class AsyncClient:
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 if loop.time() > deadline:
                     err = ConnectionLost(f"coordinator {self.url} unreachable: {exc}")
-                    for fut in self._futures.values():
+                    for fut in self._futures.live():
                         fut._fail_submission(err)
                     self._futures.clear()
                     raise err from exc
@@ -456,7 +527,7 @@ class AsyncClient:
         self._requests.clear()
         for submit, futs in unacked:
             self._send_submit(submit.job_id, submit.job_name, list(submit.tasks), futs)
-        watched = [tid for tid, f in self._futures.items() if f.submitted.done()]
+        watched = [f.task_id for f in self._futures.live() if f.submitted.done()]
         if watched and self._ws is not None:
             await self._ws.send(protocol.encode(protocol.Watch(task_ids=watched)))
 
@@ -471,11 +542,11 @@ class AsyncClient:
                         if not fut.submitted.done():
                             fut.submitted.set_result(None)
                     else:
-                        self._futures.pop(fut.task_id, None)
+                        self._futures.pop(fut.task_id)
                         fut._fail_submission(SubmissionError(msg.error))
             elif isinstance(msg, protocol.Done):
                 for outcome in msg.items:
-                    waiting = self._futures.pop(outcome.task_id, None)
+                    waiting = self._futures.pop(outcome.task_id)
                     if waiting is not None:
                         waiting._set(outcome)
             elif isinstance(msg, protocol.Sent):
@@ -691,7 +762,7 @@ class AsyncClient:
         if self._closed:
             raise ClientClosed()
         fut = self._future(spec.id, job_id, spec.kind)
-        self._futures[spec.id] = fut
+        self._futures.add(fut)
         self._pending.append((job_name, spec, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -727,7 +798,7 @@ class AsyncClient:
         futs = []
         for spec in specs:
             fut = self._future(spec.id, job_id, spec.kind)
-            self._futures[spec.id] = fut
+            self._futures.add(fut)
             futs.append(fut)
         self._send_submit(job_id, job_name, specs, futs)
         if futs:
@@ -798,13 +869,22 @@ class AsyncClient:
         futs = {node: self.run_on(node, fn, *args, **kwargs) for node in targets}
         return {node: await fut for node, fut in futs.items()}
 
+    def _unwatch(self, task_ids: list[str]) -> None:
+        """Tell the coordinator these futures are gone (see :class:`_Futures`). Between
+        sessions nothing is sent: a new session watches only the futures still held."""
+        if self._ws is None or not self._connected.is_set():
+            return
+        frame = protocol.encode(protocol.Unwatch(task_ids=task_ids))
+        asyncio.ensure_future(self._ws.send(frame)).add_done_callback(_ignore_closed)
+
     def future(self, task_id: str, kind: str = "call") -> TaskFuture:
-        """A future for a task submitted elsewhere (e.g. by ``herder push``)."""
+        """A future for a task submitted elsewhere (e.g. by ``herder push``), or for one
+        whose future this program dropped (the coordinator stopped sending its outcome)."""
         fut = self._futures.get(task_id)
         if fut is None:
             fut = self._future(task_id, "", kind)
             fut.submitted.set_result(None)
-            self._futures[task_id] = fut
+            self._futures.add(fut)
             if self._ws is not None:
                 t = asyncio.ensure_future(
                     self._ws.send(protocol.encode(protocol.Watch(task_ids=[task_id])))

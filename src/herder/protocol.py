@@ -313,6 +313,14 @@ class Watch(_Msg):
     task_ids: list[str]
 
 
+class Unwatch(_Msg):
+    """The client dropped its futures of these tasks: their outcomes are no longer
+    sent to it (the tasks run on; a later ``Watch`` asks again)."""
+
+    t: Literal["unwatch"] = "unwatch"
+    task_ids: list[str]
+
+
 class Submitted(_Msg):
     t: Literal["submitted"] = "submitted"
     req: int
@@ -446,7 +454,7 @@ CoordinatorMessage = Annotated[
     Challenge | Welcome | Refuse | Assign | Ack | Cancel | Drain | Deliver | LoadRelease,
     Field(discriminator="t"),
 ]
-ClientMessage = Annotated[Submit | Watch | Send, Field(discriminator="t")]
+ClientMessage = Annotated[Submit | Watch | Unwatch | Send, Field(discriminator="t")]
 ServerMessage = Annotated[Submitted | Done | Refuse | Sent | Event, Field(discriminator="t")]
 
 _agent_frame: TypeAdapter[list[AgentMessage]] = TypeAdapter(list[AgentMessage])

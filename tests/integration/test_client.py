@@ -230,6 +230,17 @@ def test_each_result_is_recorded_once(herd: herder.Client, herd_proc: LocalHerd)
     assert max(counts.values()) == 1
 
 
+def test_a_dropped_future_still_runs_and_can_be_watched_again(herd: herder.Client) -> None:
+    """Dropping a future stops its outcome being sent, not its task: the task runs,
+    its result is stored, and ``future(task_id)`` asks for it again."""
+    job = f"j-{uuid.uuid4().hex[:12]}"
+    dropped = [herd.submit(pow, 2, i, job=job).task_id for i in range(20)]  # no future kept
+    kept = herd.submit(pow, 3, 2, job=job)
+    assert kept.result(timeout=30) == 9
+    wait_for(lambda: herd.job(job)["counts"].get("succeeded") == 21, 30, "every task to run")
+    assert [herd.future(t).result(timeout=30) for t in dropped] == [2**i for i in range(20)]
+
+
 def test_async_client(herd_proc: LocalHerd) -> None:
     async def main() -> tuple[int, list[int]]:
         client = await AsyncClient.open(env=herd_proc.env())

@@ -295,6 +295,7 @@ SAMPLES: list[protocol._Msg] = [
     protocol.LoadRelease(release=_release_id),
     protocol.Deliver(topic="fuzz", sender="client"),
     protocol.Watch(task_ids=["t-fuzz"]),
+    protocol.Unwatch(task_ids=["t-fuzz"]),
     protocol.Submitted(req=1),
     protocol.Sent(req=1),
     protocol.Event(kind="emit", at=1.0),
@@ -742,6 +743,7 @@ session_frames: st.SearchStrategy[Frame] = st.one_of(
         st.sampled_from(
             [
                 protocol.Watch(task_ids=["t-fuzz"]).model_dump(),
+                protocol.Unwatch(task_ids=["t-fuzz"]).model_dump(),
                 protocol.Send(target="fuzz-nobody", topic="fuzz", req=3).model_dump(),
                 {"t": "submit", "req": 1, "job_id": "fuzz", "tasks": [{"id": 1}]},
                 {"t": "submit", "req": 1, "job_id": "fuzz", "tasks": "x"},

@@ -307,6 +307,8 @@ async def _handle_session_frame(
             await client.send(protocol.Submitted(req=msg.req, error=error))
         elif isinstance(msg, protocol.Send):
             await answer_send(coord, client, msg)
+        elif isinstance(msg, protocol.Unwatch):
+            coord.unwatch(client, msg.task_ids)
         else:
             coord.watch(client, msg.task_ids)
             finals = await coord.store.finals(msg.task_ids)
