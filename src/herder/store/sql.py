@@ -69,7 +69,7 @@ from herder.store.services import (
     start_delay,
 )
 from herder.store.sqlite_writer import SqliteWriter
-from herder.store.statements import ACTIVE, HotStatements, state_is
+from herder.store.statements import ACTIVE, HotStatements, indexed_state, state_is
 
 log = logging.getLogger("herder.store")
 
@@ -510,7 +510,7 @@ class SqlStore(Store):
     async def ready_constraint_keys(self) -> list[str]:
         def _tx(conn: Connection) -> Any:
             res = conn.execute(
-                sa.select(_t.c.ckey).where(_t.c.state == TaskState.READY.value).distinct()
+                sa.select(_t.c.ckey).where(indexed_state(TaskState.READY.value)).distinct()
             )
             return [r[0] for r in res]
 
@@ -521,7 +521,7 @@ class SqlStore(Store):
             return 0
         head = (
             sa.select(_t.c.id)
-            .where(_t.c.state == TaskState.READY.value, _t.c.ckey.in_(constraint_keys))
+            .where(indexed_state(TaskState.READY.value), _t.c.ckey.in_(constraint_keys))
             .limit(limit)
             .subquery()
         )  # reads at most ``limit`` entries of the ready index
@@ -988,7 +988,7 @@ class SqlStore(Store):
                 _t.c.node_id,
                 _t.c.service,
                 _t.c.restarts,
-            ).where(_t.c.node_id == node_id, _t.c.state.in_(ACTIVE))
+            ).where(_t.c.node_id == node_id, indexed_state(*ACTIVE))
             if not self.is_sqlite:
                 q = q.with_for_update()
             rows = [r for r in conn.execute(q) if r.lease_id not in keep]
@@ -1121,7 +1121,7 @@ class SqlStore(Store):
         def _tx(conn: Connection) -> Any:
             res = conn.execute(
                 sa.select(_t.c.id, _t.c.lease_id).where(
-                    _t.c.node_id == node_id, _t.c.state.in_(ACTIVE)
+                    _t.c.node_id == node_id, indexed_state(*ACTIVE)
                 )
             )
             return [(r[0], r[1]) for r in res]

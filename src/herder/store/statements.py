@@ -55,6 +55,21 @@ def _ids() -> sa.BindParameter[Any]:
     return sa.bindparam("ids", expanding=True)
 
 
+def indexed_state(*states: str) -> sa.ColumnElement[bool]:
+    """``state = 'ready'`` (or ``IN``) with the states written into the SQL, for the
+    queries a partial index serves (``ix_tasks_ready``, ``ix_tasks_node_active``).
+
+    A planner takes a partial index only where the query's WHERE implies the
+    index's. With the state a bound parameter SQLite decides that anew at
+    each execution: it prepares the statement again every time, and an empty
+    claim took 111 us instead of 27 (on the database of 1,500 round trips
+    of workload B). PostgreSQL's generic plan, which it switches to after a
+    prepared statement's fifth run, cannot use the index at all.
+    """
+    written: list[sa.ColumnElement[str]] = [sa.literal_column(f"'{state}'") for state in states]
+    return _t.c.state == written[0] if len(written) == 1 else _t.c.state.in_(written)
+
+
 def state_is(*states: str) -> sa.ColumnElement[bool]:
     """``state IN (states)`` that no index serves: for rows already picked by id.
 
@@ -113,13 +128,13 @@ class HotStatements:
         # claims
         self.ready_head = (
             sa.select(_t.c.id, _t.c.priority, _t.c.seq, _t.c.ckey)
-            .where(_t.c.state == READY, _t.c.ckey == sa.bindparam("key"))
+            .where(indexed_state(READY), _t.c.ckey == sa.bindparam("key"))
             .order_by(_t.c.priority.desc(), _t.c.seq)
             .limit(sa.bindparam("limit"))
         )
         by_key = (
             sa.select(_t.c.id)
-            .where(_t.c.state == READY, _t.c.ckey == sa.bindparam("key"))
+            .where(indexed_state(READY), _t.c.ckey == sa.bindparam("key"))
             .order_by(_t.c.priority.desc(), _t.c.seq)
             .limit(sa.bindparam("limit"))
         )
