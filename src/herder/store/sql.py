@@ -510,7 +510,9 @@ class SqlStore(Store):
     async def ready_constraint_keys(self) -> list[str]:
         def _tx(conn: Connection) -> Any:
             res = conn.execute(
-                sa.select(_t.c.ckey).where(indexed_state(TaskState.READY.value)).distinct()
+                sa.select(_t.c.ckey)
+                .where(indexed_state(self.is_sqlite, TaskState.READY.value))
+                .distinct()
             )
             return [r[0] for r in res]
 
@@ -521,7 +523,9 @@ class SqlStore(Store):
             return 0
         head = (
             sa.select(_t.c.id)
-            .where(indexed_state(TaskState.READY.value), _t.c.ckey.in_(constraint_keys))
+            .where(
+                indexed_state(self.is_sqlite, TaskState.READY.value), _t.c.ckey.in_(constraint_keys)
+            )
             .limit(limit)
             .subquery()
         )  # reads at most ``limit`` entries of the ready index
@@ -988,7 +992,7 @@ class SqlStore(Store):
                 _t.c.node_id,
                 _t.c.service,
                 _t.c.restarts,
-            ).where(_t.c.node_id == node_id, indexed_state(*ACTIVE))
+            ).where(_t.c.node_id == node_id, indexed_state(self.is_sqlite, *ACTIVE))
             if not self.is_sqlite:
                 q = q.with_for_update()
             rows = [r for r in conn.execute(q) if r.lease_id not in keep]
@@ -1121,7 +1125,7 @@ class SqlStore(Store):
         def _tx(conn: Connection) -> Any:
             res = conn.execute(
                 sa.select(_t.c.id, _t.c.lease_id).where(
-                    _t.c.node_id == node_id, indexed_state(*ACTIVE)
+                    _t.c.node_id == node_id, indexed_state(self.is_sqlite, *ACTIVE)
                 )
             )
             return [(r[0], r[1]) for r in res]
