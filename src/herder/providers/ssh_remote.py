@@ -183,33 +183,36 @@ def _install_locked(root: Path, request: dict[str, Any]) -> dict[str, Any]:
     herder = str(wheels / request["herder_wheel"])
     env = dict(os.environ)
     if not request["offline"]:
-        _pip_install(venv, fresh, [herder], env)  # dependencies from the host's own index
+        _pip_install(venv, fresh, [], herder, env)  # dependencies from the host's own index
         return {"installer": "pip"}
     # Exactly the copied wheels, whatever pip or uv configuration the host has.
     env.update(PIP_CONFIG_FILE=os.devnull, UV_NO_CONFIG="1")
-    all_wheels = [*(str(wheels / name) for name in request["dependencies"]), herder]
+    deps = [str(wheels / name) for name in request["dependencies"]]
     uv_wheel = next((name for name in request["dependencies"] if name.startswith("uv-")), None)
     answer: dict[str, Any] = {"installer": "pip"}
     if uv_wheel is not None:
         try:
-            _uv_install(_unpacked_uv(root, wheels / uv_wheel), venv, fresh, all_wheels, env)
+            _uv_install(_unpacked_uv(root, wheels / uv_wheel), venv, fresh, [*deps, herder], env)
             return {"installer": "uv"}
         except HostError as exc:
             answer["uv_failed"] = str(exc)
             fresh = True  # what uv left half made is made again
-    _pip_install(venv, fresh, ["--no-index", "--no-deps", *all_wheels], env)
+    _pip_install(venv, fresh, ["--no-index", "--no-deps", *deps], herder, env)
     return answer
 
 
-def _pip_install(venv: Path, fresh: bool, args: list[str], env: dict[str, str]) -> None:
-    """``python -m venv`` (when ``fresh``), then pip: the way that needs nothing but python."""
+def _pip_install(
+    venv: Path, fresh: bool, args: list[str], herder: str, env: dict[str, str]
+) -> None:
+    """``python -m venv`` (when ``fresh``), then pip with ``args`` and herder's wheel:
+    the way that needs nothing but python."""
     if fresh:
         _run([sys.executable, "-m", "venv", "--clear", str(venv)], dict(os.environ))
     python = str(venv / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q"]
-    _run([*pip, *args], env)
+    _run([*pip, *args, herder], env)
     if not fresh:  # the same version number may hold other code: replace it
-        _run([*pip, "--no-deps", "--force-reinstall", args[-1]], env)
+        _run([*pip, "--no-deps", "--force-reinstall", herder], env)
 
 
 def _uv_install(uv: Path, venv: Path, fresh: bool, wheels: list[str], env: dict[str, str]) -> None:
